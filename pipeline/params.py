@@ -1,0 +1,209 @@
+"""Typed, validated parameters loaded from ``params.yaml``.
+
+Every stage takes one of these dataclasses instead of a loose dict, so a typo in ``params.yaml`` fails at once with
+the list of valid keys rather than being silently ignored (which would make ``dvc repro`` reproduce the wrong
+experiment). The same objects are built by the Airflow tasks, so DVC and Airflow run one definition of each stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.model.config import ModelConfig
+
+DATASETS = ("ml-1m", "ml-100k", "beauty", "custom", "synthetic")
+MIRROR_ENV = "HYMOE_DATA_MIRROR"
+
+
+class ParamsError(ValueError):
+    """A ``params.yaml`` problem: unknown key, wrong type or invalid value."""
+
+
+@dataclass
+class DownloadParams:
+    retries: int = 5
+    backoff_s: float = 1.0
+    timeout_s: float = 30.0
+
+
+@dataclass
+class CustomSourceParams:
+    path: str | None = None
+    format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    timestamp_col: str = "timestamp"
+    rating_col: str | None = None
+    event_col: str | None = None
+    event_types: list[str] | None = None
+    csv_delimiter: str = ","
+
+
+@dataclass
+class SyntheticParams:
+    n_users: int = 2000
+    n_items: int = 1000
+    mean_events_per_user: float = 40.0
+    n_categories: int = 20
+    seed: int = 0
+
+
+@dataclass
+class DataParams:
+    dataset: str = "ml-1m"
+    mirror: str | None = None
+    cache_dir: str = "data/cache"
+    interim_dir: str = "data/interim"
+    max_bad_fraction: float = 0.01
+    beauty_source: Literal["auto", "raw", "s3rec", "ticoserec"] = "auto"
+    download: DownloadParams = field(default_factory=DownloadParams)
+    custom: CustomSourceParams = field(default_factory=CustomSourceParams)
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+    def validate(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ParamsError(f"data.dataset: unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ParamsError(f"data.max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
+        if self.dataset == "custom" and not self.custom.path:
+            raise ParamsError("data.custom.path must name a file, folder or glob when data.dataset is 'custom'")
+
+    def resolved_mirror(self) -> Path | None:
+        """The mirror folder: ``$HYMOE_DATA_MIRROR`` wins over ``data.mirror`` so CI can point at a copy."""
+        value = os.environ.get(MIRROR_ENV) or self.mirror
+        return Path(value).expanduser() if value else None
+
+
+@dataclass
+class TimeSplitParams:
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+@dataclass
+class PreprocessParams:
+    processed_dir: str = "data/processed"
+    min_rating: float | None = None
+    dedup: Literal["none", "first", "last", "consecutive"] = "none"
+    user_min: int = 5
+    item_min: int = 5
+    split: Literal["leave_one_out", "global_time"] = "leave_one_out"
+    time_split: TimeSplitParams = field(default_factory=TimeSplitParams)
+
+    def validate(self) -> None:
+        if self.user_min < 1 or self.item_min < 1:
+            raise ParamsError("preprocess.user_min and preprocess.item_min must be >= 1")
+        if self.split == "leave_one_out" and self.user_min < 3:
+            raise ParamsError("leave-one-out needs preprocess.user_min >= 3 (train, valid and test events)")
+        fractions = self.time_split.valid_fraction + self.time_split.test_fraction
+        if self.split == "global_time" and not (0 < fractions < 1):
+            raise ParamsError("preprocess.time_split fractions must be positive and sum to less than 1")
+
+
+@dataclass
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> None:
+        self.data.validate()
+        self.preprocess.validate()
+        try:
+            self.model.validate()
+        except ValueError as err:
+            raise ParamsError(f"model: {err}") from err
+
+
+def load_params(path: str | os.PathLike[str] = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Load, type-check and validate ``params.yaml``; ``overrides`` maps dotted keys (``data.dataset``) to values."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    params = from_dict(Params, raw, "")
+    params.validate()
+    return params
+
+
+def from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types with the dotted key path."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where or 'params'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ParamsError(
+            f"unknown key(s) {', '.join(_join(where, k) for k in unknown)}; "
+            f"valid keys{' under ' + where if where else ''}: {', '.join(sorted(known))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name in known & set(data):
+        kwargs[name] = _coerce(hints[name], data[name], _join(where, name))
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, where)
+            except ParamsError as err:
+                errors.append(str(err))
+        raise ParamsError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ParamsError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{where}: expected a string, got {value!r}")
+        return value
+    if hint is Any or typing.get_origin(hint) is dict:
+        return value
+    raise ParamsError(f"{where}: unsupported parameter type {hint}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
