@@ -161,6 +161,7 @@ def read_jsonl(path: str | os.PathLike[str], columns: dict[str, str], *, integer
     bad lines can be quarantined with their numbers (the slow path only runs on broken input).
     """
     source = str(path)
+    fast = True
     try:
         with pa.input_stream(str(path), compression=_compression(path)) as stream:
             table = pajson.read_json(stream)
@@ -176,6 +177,7 @@ def read_jsonl(path: str | os.PathLike[str], columns: dict[str, str], *, integer
         parts = pd.DataFrame({canonical: frame[key] for canonical, key in columns.items()})
         bad = empty_bad_rows()
     except pa.ArrowInvalid:
+        fast = False
         parts, line_no, raw, bad = _jsonl_slow(path, columns)
     if len(parts) + len(bad) == 0:
         raise BadInputError(f"{source} is empty: no interaction records")
@@ -188,6 +190,8 @@ def read_jsonl(path: str | os.PathLike[str], columns: dict[str, str], *, integer
         has_timestamps="timestamp" in columns,
         total_rows=len(parts) + len(bad),
     )
+    if fast:  # pyarrow numbered records, skipping blank lines, and kept no text
+        result.bad_rows = _locate_bad_rows(path, result.bad_rows, blank="whitespace")
     result.bad_rows = pd.concat([bad, result.bad_rows], ignore_index=True)
     return result
 
@@ -269,7 +273,10 @@ def _read_custom_file(path: Path, columns: dict[str, str], fmt: str, delimiter: 
     if kind == "jsonl":
         return read_jsonl(path, columns, integer_ids=False)
     if kind == "parquet":
-        schema = pq.read_schema(path)
+        try:
+            schema = pq.read_schema(path)
+        except pa.ArrowInvalid as err:  # e.g. an empty file: say which one
+            raise BadInputError(f"{path} is not a readable Parquet file ({err})") from err
         _require_columns(path, columns, schema.names)
         table = pq.read_table(path, columns=list(dict.fromkeys(columns.values())))
         frame = pd.DataFrame({c: _arrow_to_text(table.column(k)) for c, k in columns.items()})
@@ -332,7 +339,32 @@ def _read_csv(path: Path, columns: dict[str, str], delimiter: str) -> ReadResult
         numbers, reasons, texts = zip(*invalid, strict=True)
         bad = bad_rows_frame(str(path), pd.Series(numbers), pd.Series(reasons), pd.Series(texts))
         result.bad_rows = pd.concat([bad, result.bad_rows], ignore_index=True).sort_values("line", kind="stable")
+    result.bad_rows = _locate_bad_rows(path, result.bad_rows, blank="empty")
     return result
+
+
+def _locate_bad_rows(path: str | os.PathLike[str], bad: pd.DataFrame, blank: str) -> pd.DataFrame:
+    """Turn pyarrow's row numbers into physical line numbers and attach each bad row's raw line.
+
+    pyarrow's CSV and JSON readers do not count the blank lines they skip (``blank``: ``"empty"`` lines for CSV,
+    ``"whitespace"``-only lines for JSON), so on a file with blank lines their numbers point at the wrong line.
+    The text is re-read only when there are bad rows, which keeps clean files on the fast path.
+    """
+    if bad.empty:
+        return bad
+    lines = read_lines(path)
+    skipped = (lines.str.len() == 0) if blank == "empty" else (lines.str.strip() == "")
+    physical = np.flatnonzero(~skipped.to_numpy()) + 1  # k-th counted row (1-based) -> line number
+    counted = bad["line"].to_numpy(dtype="int64")
+    known = (counted >= 1) & (counted <= len(physical))
+    bad = bad.copy()
+    line = counted.copy()
+    line[known] = physical[counted[known] - 1]
+    bad["line"] = line
+    raw = bad["raw"].to_numpy(dtype=object)
+    raw[known] = lines.to_numpy(dtype=object)[line[known] - 1]
+    bad["raw"] = pd.Series(raw, index=bad.index, dtype="string")
+    return bad
 
 
 def _require_columns(path: Path, columns: dict[str, str], present: list[str]) -> None:
@@ -433,6 +465,8 @@ def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _arrow_to_text(column: pa.ChunkedArray) -> pd.Series:
     if pa.types.is_timestamp(column.type):
-        seconds = column.cast(pa.timestamp("s", tz=column.type.tz)).cast(pa.int64())
+        # safe=False: sub-second precision (ms, us, ns are the norm in logs) is truncated to whole seconds
+        seconds = column.cast(pa.timestamp("s", tz=column.type.tz), safe=False).cast(pa.int64())
         return seconds.to_pandas().astype("string")
-    return column.to_pandas().astype("string")
+    # cast in Arrow: via pandas, an integer column with a null becomes float and its ids "1.0" instead of "1"
+    return column.cast(pa.string()).to_pandas().astype("string")
