@@ -38,6 +38,20 @@ def _preprocess(params: Params) -> object:
     return preprocess(params.preprocess, params.data.interim_dir)
 
 
+@stage("train", "train the model with early stopping on validation NDCG@10 (resumes a matching checkpoint)")
+def _train(params: Params) -> object:
+    from pipeline.training.train import train
+
+    return train(params)
+
+
+@stage("evaluate", "full-ranking test metrics, bucket analysis, expert load and plots -> metrics.json")
+def _evaluate(params: Params) -> object:
+    from pipeline.evaluation.evaluate import evaluate
+
+    return evaluate(params)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")

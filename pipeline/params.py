@@ -109,14 +109,62 @@ class PreprocessParams:
 
 
 @dataclass
+class TrainParams:
+    model_dir: str = "models"
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup_steps: int = 0
+    grad_clip: float = 1.0
+    num_negatives: int = 0
+    windows: Literal["last", "all"] = "last"
+    length_buckets: bool = True
+    patience: int = 10
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    eval_batch_size: int = 512
+    resume: bool = True
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "patience", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.num_negatives < 0:
+            raise ParamsError("train.lr must be > 0; weight_decay, grad_clip and num_negatives must be >= 0")
+
+
+@dataclass
+class EvaluateParams:
+    report_dir: str = "reports"
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    exclude_seen: bool = False
+    sampled_negatives: int = 0
+    sampled_distribution: Literal["uniform", "popularity"] = "uniform"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise ParamsError("evaluate.ks must list cut-offs >= 1")
+        if 10 not in self.ks:
+            raise ParamsError("evaluate.ks must include 10: NDCG@10 drives model selection and promotion")
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
     def validate(self) -> None:
         self.data.validate()
         self.preprocess.validate()
+        self.train.validate()
+        self.evaluate.validate()
         try:
             self.model.validate()
         except ValueError as err:

@@ -44,17 +44,13 @@ class MoEConfig:
         if self.warmup_steps < 0:
             raise ValueError(f"moe.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.warmup_schedule not in WARMUP_SCHEDULES:
-            raise ValueError(
-                f"moe.warmup_schedule must be one of {WARMUP_SCHEDULES}, got {self.warmup_schedule!r}"
-            )
+            raise ValueError(f"moe.warmup_schedule must be one of {WARMUP_SCHEDULES}, got {self.warmup_schedule!r}")
         if self.lb_weight < 0:
             raise ValueError(f"moe.lb_weight must be >= 0, got {self.lb_weight}")
         if self.lb_type not in LB_TYPES:
             raise ValueError(f"moe.lb_type must be one of {LB_TYPES}, got {self.lb_type!r}")
         if self.implementation not in MOE_IMPLEMENTATIONS:
-            raise ValueError(
-                f"moe.implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.implementation!r}"
-            )
+            raise ValueError(f"moe.implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.implementation!r}")
 
 
 @dataclass

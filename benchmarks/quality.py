@@ -1,0 +1,123 @@
+"""Quality benchmark: train + evaluate several models and seeds on one prepared dataset, same protocol.
+
+Each (model, seed) run gets its own model and report folder under ``--out``; a run whose ``metrics.json`` exists
+is skipped and an interrupted one resumes from its checkpoint, so the benchmark can be stopped and continued.
+Run the data stages first (e.g. ``dvc repro preprocess`` with ``data.dataset=beauty``), then for example::
+
+    python benchmarks/quality.py --out benchmarks/results/beauty --seeds 1 2 3 \\
+        --models hymoerec sasrec --set model.dropout=0.5 --threads 1
+
+and ``python benchmarks/quality.py --out benchmarks/results/beauty --table`` prints the mean ± std table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from pipeline.params import load_params
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "hymoerec": {"model.kind": "hymoerec", "model.moe.enabled": True},
+    "sasrec": {"model.kind": "hymoerec", "model.moe.enabled": False},
+    "gru4rec": {"model.kind": "gru4rec", "model.moe.enabled": False},
+    "bert4rec": {"model.kind": "bert4rec", "model.moe.enabled": False},
+}
+REPORTED = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
+
+
+def run(out: Path, model: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.training.train import TrainOutputs, train
+
+    folder = out / f"{model}-seed{seed}"
+    done = folder / "reports" / "metrics.json"
+    if not done.exists():
+        params = load_params(
+            "params.yaml",
+            {
+                **overrides,
+                **VARIANTS[model],
+                "train.seed": seed,
+                "train.model_dir": str(folder / "model"),
+                "evaluate.report_dir": str(folder / "reports"),
+            },
+        )
+        started = time.perf_counter()
+        train(params)
+        evaluate(params)
+        (folder / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
+    metrics = json.loads(done.read_text())
+    log = (TrainOutputs.under(folder / "model").log).read_text().splitlines()
+    header = log[0].split(",")
+    epoch_s = [float(line.split(",")[header.index("epoch_seconds")]) for line in log[1:]]
+    config = json.loads(TrainOutputs.under(folder / "model").config.read_text())
+    return {
+        "model": model,
+        "seed": seed,
+        "test": metrics["test"],
+        "valid_ndcg@10": metrics["valid"]["ndcg@10"],
+        "by_popularity": metrics["test_by_target_popularity"],
+        "by_history": metrics["test_by_history_length"],
+        "epochs": len(epoch_s),
+        "best_epoch": config["best_epoch"],
+        "epoch_seconds": statistics.median(epoch_s) if epoch_s else float("nan"),
+    }
+
+
+def table(out: Path) -> str:
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(out.glob("*-seed*/result.json")):
+        result = json.loads(path.read_text())
+        rows.setdefault(result["model"], []).append(result)
+    lines = [
+        "| model | seeds | " + " | ".join(m.upper() for m in REPORTED) + " | epochs (best) | s / epoch |",
+        "|---" * (len(REPORTED) + 4) + "|",
+    ]
+    for model, results in rows.items():
+        cells = []
+        for metric in REPORTED:
+            values = [r["test"][metric] for r in results]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.4f} ± {std:.4f}")
+        epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']})" for r in results)
+        seconds = statistics.mean(r["epoch_seconds"] for r in results)
+        lines.append(f"| {model} | {len(results)} | " + " | ".join(cells) + f" | {epochs} | {seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="results folder")
+    parser.add_argument("--models", nargs="+", default=["hymoerec", "sasrec"], choices=sorted(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--table", action="store_true", help="only print the table of finished runs")
+    args = parser.parse_args()
+    if not args.table:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        for seed in args.seeds:
+            for model in args.models:
+                result = run(args.out, model, seed, overrides)
+                (args.out / f"{model}-seed{seed}" / "result.json").write_text(json.dumps(result, indent=2))
+                print(
+                    f"{model} seed {seed}: test NDCG@10 {result['test']['ndcg@10']:.4f} "
+                    f"HR@10 {result['test']['hr@10']:.4f}",
+                    flush=True,
+                )
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()

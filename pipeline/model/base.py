@@ -1,0 +1,200 @@
+"""The interface every model implements, and the next-item losses they share.
+
+Items are ids 1..num_items, 0 is padding. Sequences are left-padded (the most recent item is at the right).
+A model only defines :meth:`SequentialRecommender.encode` (hidden state per position); the losses and the
+full-sort scores are one matmul against the item embedding table, which doubles as the output layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.model.moe import MoEAux
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # total = ce + lb, what to backpropagate
+    ce: Tensor  # next-item (or cloze) cross-entropy, mean over predicted positions
+    lb: Tensor  # 0-dim load-balance loss summed over layers; 0.0 without MoE
+    stats: dict[str, float] = field(default_factory=dict)  # alpha, usage entropy, load fractions per layer
+
+
+class SequentialRecommender(nn.Module):
+    """Base class: left-padded item ids in, hidden states / losses / full-sort scores out.
+
+    ``train_step`` is a buffer the trainer sets (``model.set_train_step(step)``) before each optimiser step;
+    the MoE warm-up w(t) reads it, and because it is in the state_dict a resumed run continues the warm-up
+    exactly. At evaluation the stored step is used.
+    """
+
+    num_items: int
+    item_emb: nn.Embedding
+
+    def __init__(self, num_items: int) -> None:
+        super().__init__()
+        if num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {num_items}")
+        self.num_items = num_items
+        self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
+
+    def set_train_step(self, step: int) -> None:
+        self.train_step.fill_(int(step))
+
+    def encode(self, input_ids: Tensor, *, return_topk: bool = False) -> tuple[Tensor, list[MoEAux]]:
+        """Hidden states ``[B, L, d]`` (row t summarises the history up to t) and per-layer MoE statistics."""
+        raise NotImplementedError
+
+    def output_table(self) -> Tensor:
+        """Embeddings of the real items 1..num_items (row i-1 is item i): the tied output layer."""
+        return self.item_emb.weight[1 : self.num_items + 1]
+
+    def training_loss(
+        self,
+        input_ids: Tensor,
+        target_ids: Tensor,
+        *,
+        num_negatives: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> LossOutput:
+        """Next-item cross-entropy at every position with a target (``target_ids > 0``), plus the MoE balance loss.
+
+        Logits are computed only at those positions. ``num_negatives > 0`` switches from the full catalogue to
+        a sampled softmax with that many uniform negatives shared by the batch.
+        """
+        hidden, auxes = self.encode(input_ids)
+        rows = (target_ids > 0).flatten().nonzero().squeeze(1)
+        ce = next_item_ce(
+            hidden.flatten(0, 1).index_select(0, rows),
+            target_ids.flatten().index_select(0, rows),
+            self.item_emb.weight,
+            self.num_items,
+            num_negatives=num_negatives,
+            generator=generator,
+        )
+        return make_loss_output(ce, auxes)
+
+    def score_next(self, input_ids: Tensor) -> Tensor:
+        """Full-sort float32 scores ``[B, num_items + 1]`` of the item after the last position; column 0 = -inf."""
+        hidden, _ = self.encode(input_ids)
+        return score_items(hidden[:, -1], self.item_emb.weight, self.num_items)
+
+    def routing(self, input_ids: Tensor) -> list[Tensor] | None:
+        """Per-layer top-K expert ids ``[B, L, K]`` (-1 at padding), or None for a model without MoE."""
+        return None
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay matrices and embeddings (nanoGPT rule), not biases, norms, alpha or expert biases."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_bias = name.endswith(("bias", ".b1", ".b2"))  # stacked expert biases are 2-D
+            (decay if p.dim() >= 2 and not is_bias else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class FullSoftmaxCE(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ table.T`` against ``targets`` (0-based), keeping one logits buffer.
+
+    ``F.cross_entropy`` on full-catalogue logits allocates four ``[n, num_items]`` float32 tensors per step
+    (logits, log-softmax, and two gradients: ~2.4 GB at batch 256 x 50 x 12k items). On CPU, touching that much
+    fresh memory costs more in page faults than the matmuls. Here the logits are kept from the forward and turned
+    into ``softmax - onehot`` in place in the backward. The matmuls follow autocast (bf16 under CUDA) and the
+    softmax is float32. Not twice differentiable (a second backward raises: the buffer was modified in place).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, table: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
+        logits = F.linear(hidden, table)
+        ctx.mm_dtype = logits.dtype
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+        # stable log-sum-exp done in place (torch.logsumexp would allocate another [n, num_items] temporary)
+        row_max = logits.amax(dim=1, keepdim=True)
+        unnormalised = logits.sub_(row_max).exp_()
+        total = unnormalised.sum(dim=1)
+        loss = (row_max.squeeze(1) + total.log() - target_logit).mean()
+        ctx.save_for_backward(hidden, table, targets, total, unnormalised)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        hidden, table, targets, total, unnormalised = ctx.saved_tensors
+        # d loss / d logits = grad * (softmax - onehot) / n, built in place in two passes over the buffer
+        scale = grad / len(targets)
+        g = unnormalised.mul_((scale / total).unsqueeze(1))
+        g[torch.arange(len(targets), device=targets.device), targets] -= scale
+        g = g.to(ctx.mm_dtype)
+        grad_hidden = (g @ table.to(ctx.mm_dtype)).to(hidden.dtype)
+        grad_table = (g.T @ hidden.to(ctx.mm_dtype)).to(table.dtype)
+        return grad_hidden, grad_table, None
+
+
+def next_item_ce(
+    hidden: Tensor,
+    targets: Tensor,
+    item_weight: Tensor,
+    num_items: int,
+    *,
+    num_negatives: int = 0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Cross-entropy of ``targets [n]`` (ids 1..num_items) given ``hidden [n, d]`` and the embedding table.
+
+    Full catalogue: softmax over items 1..num_items (padding column never enters). Sampled: the target against
+    ``num_negatives`` uniform items shared by all rows; a negative equal to a row's target is masked to -inf
+    so it cannot count as a negative.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph (and dtype) for a batch with nothing to predict
+    if num_negatives <= 0:
+        return FullSoftmaxCE.apply(hidden, item_weight[1 : num_items + 1], targets - 1)
+    device = generator.device if generator is not None else hidden.device
+    negatives = torch.randint(1, num_items + 1, (num_negatives,), generator=generator, device=device)
+    negatives = negatives.to(hidden.device)
+    pos = (hidden * item_weight[targets]).sum(-1, keepdim=True).float()
+    neg = F.linear(hidden, item_weight[negatives]).float()
+    neg = neg.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), -math.inf)
+    logits = torch.cat([pos, neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def score_items(hidden: Tensor, item_weight: Tensor, num_items: int) -> Tensor:
+    """Scores ``[B, num_items + 1]`` against items 0..num_items, padding column set to -inf."""
+    scores = F.linear(hidden, item_weight[: num_items + 1]).float()
+    scores[:, 0] = -math.inf
+    return scores
+
+
+def make_loss_output(ce: Tensor, auxes: list[MoEAux]) -> LossOutput:
+    lb = torch.stack([a.lb for a in auxes]).sum() if auxes else torch.zeros((), device=ce.device)
+    return LossOutput(loss=ce + lb, ce=ce, lb=lb, stats=moe_stats(auxes))
+
+
+@torch.no_grad()
+def moe_stats(auxes: list[MoEAux]) -> dict[str, float]:
+    """Loggable floats per layer: alpha, normalised usage entropy H(g-bar)/log E, lb, top-K load fractions.
+
+    Gathered with a single device-to-host copy so logging every step costs one sync.
+    """
+    if not auxes:
+        return {}
+    values, keys = [], []
+    for layer, aux in enumerate(auxes):
+        E = aux.mean_probs.numel()
+        p = aux.mean_probs.float()
+        entropy = -(p * p.clamp_min(1e-12).log()).sum() / (math.log(E) if E > 1 else 1.0)
+        load = aux.counts.float() / aux.counts.sum().clamp_min(1)
+        prefix = f"moe/l{layer}"
+        keys += [f"{prefix}/alpha", f"{prefix}/usage_entropy", f"{prefix}/lb", f"{prefix}/load_max"]
+        keys += [f"{prefix}/load/e{e}" for e in range(E)]
+        values += [aux.alpha.float().reshape(1), entropy.reshape(1), aux.lb.float().reshape(1)]
+        values += [load.max().reshape(1), load]
+    return dict(zip(keys, torch.cat([v.to(values[0].device) for v in values]).tolist(), strict=True))

@@ -1,0 +1,229 @@
+"""Train and evaluate stages end to end on tiny synthetic data: learning, leakage, exact resume, reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.data.download import download
+from pipeline.data.preprocess import PreprocessOutputs, preprocess
+from pipeline.evaluation.evaluate import EvaluateOutputs, evaluate, length_buckets, popularity_buckets
+from pipeline.params import Params, load_params
+from pipeline.training.data import training_sequences
+from pipeline.training.train import TrainOutputs, train
+from tests.conftest import REPO_ROOT
+
+
+def tiny_overrides(root: Path, **extra: Any) -> dict[str, Any]:
+    """A model and data small enough that an epoch takes well under a second on two CPU cores."""
+    return {
+        "data.dataset": "synthetic",
+        "data.interim_dir": str(root / "interim"),
+        "data.synthetic.n_users": 300,
+        "data.synthetic.n_items": 120,
+        "data.synthetic.mean_events_per_user": 20.0,
+        "data.synthetic.n_categories": 6,
+        "preprocess.processed_dir": str(root / "processed"),
+        "model.hidden_size": 16,
+        "model.num_layers": 1,
+        "model.num_heads": 1,
+        "model.max_seq_len": 12,
+        "model.ffn_hidden": 32,
+        "model.moe.dense_hidden": 32,
+        "model.moe.expert_hidden": 16,
+        "model.moe.num_experts": 4,
+        "model.moe.warmup_steps": 10,
+        "train.model_dir": str(root / "models"),
+        "train.epochs": 4,
+        "train.batch_size": 64,
+        "train.lr": 0.005,
+        "train.eval_batch_size": 128,
+        "evaluate.report_dir": str(root / "reports"),
+        **extra,
+    }
+
+
+def prepared(root: Path, **extra: Any) -> Params:
+    params = load_params(REPO_ROOT / "params.yaml", tiny_overrides(root, **extra))
+    download(params.data)
+    preprocess(params.preprocess, params.data.interim_dir)
+    return params
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    prepared(root)
+    return root
+
+
+def test_training_windows_hold_only_training_events(data_root: Path) -> None:
+    """No valid/test leakage: every training window is a contiguous slice of the user's training sequence."""
+    splits = PreprocessOutputs.under(data_root / "processed")
+    train_table = pq.read_table(splits.train)
+    valid = pq.read_table(splits.valid).to_pydict()
+    test = pq.read_table(splits.test).to_pydict()
+    train_rows = dict(zip(train_table["user_id"].to_pylist(), train_table["item_ids"].to_pylist(), strict=True))
+    for windows in ("last", "all"):
+        seqs = training_sequences(train_table, max_seq_len=5, windows=windows)
+        for x, y in zip(seqs.inputs, seqs.targets, strict=True):
+            window = tuple(int(v) for v in x if v) + (int(y[-1]),)
+            assert any(_is_slice(window, seq) for seq in train_rows.values())
+    # valid history is exactly the training sequence; test history adds only the valid target
+    valid_target = dict(zip(valid["user_id"], valid["target"], strict=True))
+    for user, history in zip(valid["user_id"], valid["history"], strict=True):
+        assert history == train_rows[user]
+    for user, history in zip(test["user_id"], test["history"], strict=True):
+        assert history == train_rows[user] + [valid_target[user]]
+
+
+def _is_slice(items: tuple[int, ...], seq: list[int]) -> bool:
+    n = len(items)
+    return any(tuple(seq[i : i + n]) == items for i in range(len(seq) - n + 1))
+
+
+def test_all_windows_cover_every_training_transition(data_root: Path) -> None:
+    train_table = pq.read_table(PreprocessOutputs.under(data_root / "processed").train)
+    seqs = training_sequences(train_table, max_seq_len=4, windows="all")
+    expected = sum(max(len(s) - 1, 0) for s in train_table["item_ids"].to_pylist())
+    assert int((seqs.targets > 0).sum()) == expected
+    last = training_sequences(train_table, max_seq_len=4, windows="last")
+    assert int((last.targets > 0).sum()) < expected
+
+
+@pytest.mark.parametrize(
+    "kind,moe",
+    [("hymoerec", True), ("hymoerec", False), ("gru4rec", False), ("bert4rec", False)],
+)
+def test_train_and_evaluate_stage(tmp_path: Path, data_root: Path, kind: str, moe: bool) -> None:
+    params = load_params(
+        REPO_ROOT / "params.yaml",
+        tiny_overrides(
+            data_root,
+            **{
+                "model.kind": kind,
+                "model.moe.enabled": moe,
+                "train.epochs": 6,
+                "train.patience": 6,
+                "train.model_dir": str(tmp_path / "models"),
+                "evaluate.report_dir": str(tmp_path / "reports"),
+            },
+        ),
+    )
+    outputs = train(params)
+    log = read_log(outputs.log)
+    assert [int(r["epoch"]) for r in log] == list(range(1, 7))
+    assert float(log[-1]["ce_loss"]) < float(log[0]["ce_loss"])  # it learns
+    if moe:
+        assert float(log[-1]["lb_loss"]) != 0.0 and 0.0 < float(log[-1]["usage_entropy"]) <= 1.0
+    config = json.loads(outputs.config.read_text())
+    best = max(float(r["valid_ndcg@10"]) for r in log)
+    assert config["best_valid_ndcg@10"] == pytest.approx(best)  # selection on validation only
+
+    reports = evaluate(params)
+    metrics = json.loads(reports.metrics.read_text())
+    assert metrics["valid"]["ndcg@10"] == pytest.approx(best, abs=1e-9)  # same protocol in train and evaluate
+    assert metrics["protocol"]["exclude_seen"] is False
+    assert 0.0 <= metrics["test"]["ndcg@10"] <= metrics["test"]["hr@10"] <= metrics["test"]["hr@20"] <= 1.0
+    users = sum(b["users"] for b in metrics["test_by_history_length"].values())
+    assert users == metrics["protocol"]["test_users"]
+    assert sum(b["users"] for b in metrics["test_by_target_popularity"].values()) == users
+    load = json.loads(reports.expert_load.read_text())
+    if moe:
+        shares = np.asarray(load["by_history_length"])
+        assert shares.shape == (1, 3, 4) and np.allclose(shares.sum(-1), 1.0)
+    else:
+        assert load["layers"] == 0
+    for png in (reports.curves_png, reports.buckets_png, reports.experts_png):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    per_user = pq.read_table(reports.per_user)
+    assert per_user.num_rows == users
+    assert np.mean(per_user["ndcg@10"].to_numpy()) == pytest.approx(metrics["test"]["ndcg@10"])
+
+
+def test_exclude_seen_is_applied_and_reported(tmp_path: Path, data_root: Path) -> None:
+    overrides = tiny_overrides(data_root, **{"train.epochs": 1, "train.model_dir": str(tmp_path / "m")})
+    params = load_params(REPO_ROOT / "params.yaml", overrides)
+    train(params)
+    results = {}
+    for exclude in (False, True):
+        params.evaluate.exclude_seen = exclude
+        params.evaluate.report_dir = str(tmp_path / f"r{exclude}")
+        results[exclude] = json.loads(EvaluateOutputs.under(evaluate(params).metrics.parent).metrics.read_text())
+    assert results[True]["protocol"]["exclude_seen"] is True
+    # removing seen competitors can only move targets up: HR@20 never drops
+    assert results[True]["test"]["hr@20"] >= results[False]["test"]["hr@20"]
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tmp_path: Path, data_root: Path) -> None:
+    base = tiny_overrides(data_root, **{"train.epochs": 2, "train.model_dir": str(tmp_path / "m")})
+    train(load_params(REPO_ROOT / "params.yaml", base))
+    changed = load_params(REPO_ROOT / "params.yaml", {**base, "train.lr": 0.001})
+    train(changed)
+    log = read_log(TrainOutputs.under(tmp_path / "m").log)
+    assert [int(r["epoch"]) for r in log] == [1, 2]  # started afresh: two new epochs, not resumed at 2
+
+
+def _cli(overrides: dict[str, Any]) -> list[str]:
+    cmd = [sys.executable, "-m", "pipeline", "--params", str(REPO_ROOT / "params.yaml")]
+    for key, value in overrides.items():
+        cmd += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    return [*cmd, "train"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_weights_and_metrics(tmp_path: Path, data_root: Path) -> None:
+    """SIGKILL a real training process mid-run, resume it, and compare with an uninterrupted run."""
+    common = {"train.epochs": 6, "train.patience": 6, "model.dropout": 0.3, "model.kind": "hymoerec"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    straight = tiny_overrides(data_root, **common, **{"train.model_dir": str(tmp_path / "straight")})
+    subprocess.run(_cli(straight), check=True, cwd=REPO_ROOT, env=env, capture_output=True, timeout=300)
+
+    killed = tiny_overrides(data_root, **common, **{"train.model_dir": str(tmp_path / "killed")})
+    checkpoint = TrainOutputs.under(tmp_path / "killed").checkpoint
+    proc = subprocess.Popen(_cli(killed), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted = read_log(TrainOutputs.under(tmp_path / "killed").log)
+    assert len(interrupted) < 6
+    subprocess.run(_cli(killed), check=True, cwd=REPO_ROOT, env=env, capture_output=True, timeout=300)
+
+    a, b = TrainOutputs.under(tmp_path / "straight"), TrainOutputs.under(tmp_path / "killed")
+    weights_a = torch.load(a.model, weights_only=True)
+    weights_b = torch.load(b.model, weights_only=True)
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+    drop = ("epoch_seconds",)
+    log_a = [{k: v for k, v in r.items() if k not in drop} for r in read_log(a.log)]
+    log_b = [{k: v for k, v in r.items() if k not in drop} for r in read_log(b.log)]
+    assert log_a == log_b
+
+
+def test_bucket_helpers() -> None:
+    lengths = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert length_buckets(lengths).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    popularity = np.array([0, 50, 30, 10, 5, 5, 0])  # item 1 alone is a third of all interactions
+    # cumulative share before each item: 0, .5, .8, .9, .95 -> head, mid, tail, tail, tail; unseen item -> tail
+    assert popularity_buckets(popularity)[1:].tolist() == [0, 1, 2, 2, 2, 2]
