@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pipeline.data.preprocess import PreprocessOutputs
 from pipeline.evaluation.metrics import summarise
 from pipeline.evaluation.ranking import rank_split
-from pipeline.io import atomic_path, write_bytes_atomic, write_json_atomic
+from pipeline.io import atomic_path, file_digest, write_bytes_atomic, write_json_atomic
 from pipeline.model import SequentialRecommender, build_model
 from pipeline.model.config import ModelConfig
 from pipeline.params import Params, from_dict
@@ -94,11 +94,12 @@ def seed_everything(seed: int) -> None:
 
 def run_fingerprint(params: Params) -> str:
     """Hash of everything a checkpoint depends on: a checkpoint from other params or data is never resumed."""
-    stats = Path(PreprocessOutputs.under(params.preprocess.processed_dir).stats)
+    splits = PreprocessOutputs.under(params.preprocess.processed_dir)
     payload = {
         "model": dataclasses.asdict(params.model),
         "train": {k: v for k, v in dataclasses.asdict(params.train).items() if k not in ("resume", "device")},
-        "data": stats.read_text() if stats.exists() else "",
+        "data": [file_digest(path) if path.exists() else "" for path in (splits.train, splits.valid)],
+        "exclude_seen": params.evaluate.exclude_seen,  # changes the validation metric, hence model selection
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
