@@ -68,10 +68,22 @@ class SequentialRecommender(nn.Module):
         a sampled softmax with that many uniform negatives shared by the batch.
         """
         hidden, auxes = self.encode(input_ids)
-        rows = (target_ids > 0).flatten().nonzero().squeeze(1)
+        return self.loss_at(hidden, auxes, target_ids > 0, target_ids, num_negatives, generator)
+
+    def loss_at(
+        self,
+        hidden: Tensor,
+        auxes: list[MoEAux],
+        where: Tensor,
+        targets: Tensor,
+        num_negatives: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> LossOutput:
+        """Cross-entropy of ``targets`` at the positions where ``where`` holds (logits only there) + balance loss."""
+        rows = where.flatten().nonzero().squeeze(1)
         ce = next_item_ce(
             hidden.flatten(0, 1).index_select(0, rows),
-            target_ids.flatten().index_select(0, rows),
+            targets.flatten().index_select(0, rows),
             self.item_emb.weight,
             self.num_items,
             num_negatives=num_negatives,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.model.base import LossOutput, SequentialRecommender, make_loss_output, next_item_ce, score_items
+from pipeline.model.base import LossOutput, SequentialRecommender, score_items
 from pipeline.model.config import ModelConfig
 from pipeline.model.moe import FeedForward, HybridMoE, MoEAux
 
@@ -225,16 +225,7 @@ class BERT4Rec(TransformerRecommender):
     ) -> LossOutput:
         seq, masked = self.cloze(input_ids, target_ids, generator)
         hidden, auxes = self.encode(seq.masked_fill(masked, self.mask_id))
-        rows = masked.flatten().nonzero().squeeze(1)
-        ce = next_item_ce(
-            hidden.flatten(0, 1).index_select(0, rows),
-            seq.flatten().index_select(0, rows),
-            self.item_emb.weight,
-            self.num_items,
-            num_negatives=num_negatives,
-            generator=generator,
-        )
-        return make_loss_output(ce, auxes)
+        return self.loss_at(hidden, auxes, masked, seq, num_negatives, generator)
 
     def cloze(
         self, input_ids: Tensor, target_ids: Tensor, generator: torch.Generator | None = None
