@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean airflow mlflow-ui
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,24 @@ lint: $(STAMP)
 ## bench: data-pipeline scale benchmark (10M synthetic events), figures go to BENCHMARKS.md by hand
 bench: $(STAMP)
 	$(BIN)/python benchmarks/preprocess_scale.py --events 10000000
+
+## airflow: Airflow UI on http://127.0.0.1:$(AIRFLOW_PORT) with the retraining DAG (scheduler, DAG processor,
+## triggerer, API server; SQLite in airflow_home/; password file printed, never the password). Ctrl-C stops it.
+AIRFLOW_PORT ?= 8080
+airflow: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.airflow_local --home "$(CURDIR)/airflow_home" \
+		--dags "$(CURDIR)/dags" --port $(AIRFLOW_PORT)
+
+## mlflow-ui: MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) over the embedded store (runs, plots, registry aliases).
+## Ctrl-C stops it. While it runs, `export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)` logs through it.
+MLFLOW_PORT  ?= 5000
+MLFLOW_STORE ?= data/mlflow
+mlflow-ui: $(STAMP)
+	mkdir -p "$(MLFLOW_STORE)/artifacts"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow server \
+		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
+		--backend-store-uri "sqlite:///$(abspath $(MLFLOW_STORE))/mlflow.db" \
+		--artifacts-destination "$(abspath $(MLFLOW_STORE))/artifacts"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

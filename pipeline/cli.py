@@ -45,11 +45,75 @@ def _train(params: Params) -> object:
     return train(params)
 
 
-@stage("evaluate", "full-ranking test metrics, bucket analysis, expert load and plots -> metrics.json")
+@stage("evaluate", "full-ranking test metrics, bucket analysis, expert load and plots -> metrics.json; then register")
 def _evaluate(params: Params) -> object:
     from pipeline.evaluation.evaluate import evaluate
 
-    return evaluate(params)
+    outputs = evaluate(params)
+    if params.mlflow.enabled:  # the DVC stage is "evaluate and register": one definition, two steps
+        from pipeline.tracking.registry import register
+
+        register(params)
+    return outputs
+
+
+@stage("register", "log the evaluated model to MLflow, register it as challenger, promote it if it beats the champion")
+def _register(params: Params) -> object:
+    from pipeline.tracking.registry import register
+
+    return register(params)
+
+
+@stage("recommend", "top-K items for every user from the champion model -> mlflow.batch_output (Parquet)")
+def _recommend(params: Params) -> object:
+    from pipeline.tracking.batch import recommend_batch
+
+    return recommend_batch(params)
+
+
+# Commands that take arguments besides the parameters: name -> (help, add_arguments, run(args, params)).
+COMMANDS: dict[
+    str,
+    tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, Params], object]],
+] = {}
+
+
+def _replay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cut", required=True, help="date (YYYY-MM-DD): earlier events go to retrain.store_dir")
+    parser.add_argument("--period", choices=["day", "week"], default="day", help="one inbox log file per period")
+    parser.add_argument("--until", help="date (YYYY-MM-DD): stop writing log files before it (default: all)")
+
+
+def _replay(args: argparse.Namespace, params: Params) -> object:
+    from datetime import date
+
+    from pipeline.ingest.replay import replay
+
+    until = date.fromisoformat(args.until) if args.until else None
+    return replay(params, date.fromisoformat(args.cut), args.period, until)
+
+
+def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--start", required=True, help="interval start, ISO date or date-time (UTC)")
+    parser.add_argument("--end", help="interval end, exclusive (default: start + 1 day)")
+
+
+def _ingest(args: argparse.Namespace, params: Params) -> object:
+    from pipeline.ingest.retrain import Interval, ingest
+
+    return ingest(args.params, Interval.parse(args.start, args.end), _parse_overrides(args.set))
+
+
+COMMANDS["replay"] = (
+    "cut a dataset with real timestamps at a date: history -> interaction store, later days -> inbox log files",
+    _replay_arguments,
+    _replay,
+)
+COMMANDS["ingest"] = (
+    "collect, validate and merge the inbox log files of one interval into the interaction store (no training)",
+    _ingest_arguments,
+    _ingest,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (help_text, _) in STAGES.items():
         sub.add_parser(name, help=help_text)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -76,9 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ParamsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _, func = STAGES[args.stage]
     try:
-        func(params)
+        if args.stage in COMMANDS:
+            COMMANDS[args.stage][2](args, params)
+        else:
+            STAGES[args.stage][1](params)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         logging.getLogger("pipeline").debug("stage failed", exc_info=True)
         print(f"error: {args.stage}: {err}", file=sys.stderr)

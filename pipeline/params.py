@@ -8,6 +8,7 @@ experiment). The same objects are built by the Airflow tasks, so DVC and Airflow
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import types
 import typing
@@ -127,6 +128,7 @@ class TrainParams:
     amp: bool = True
     eval_batch_size: int = 512
     resume: bool = True
+    warm_start_from: str | None = None
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "patience", "eval_batch_size"):
@@ -153,18 +155,72 @@ class EvaluateParams:
 
 
 @dataclass
+class RetrainParams:
+    inbox: str = "data/inbox"
+    file_pattern: str = "**"
+    store_dir: str = "data/store"
+    work_dir: str = "data/retrain"
+    schedule: str | None = "@daily"
+    start_date: str = "1995-01-01"
+    min_new_events: int = 100
+    max_bad_fraction: float = 0.05
+    warm_start: bool = True
+    retries: int = 2
+    retry_delay_s: float = 60.0
+    max_retry_delay_s: float = 900.0
+
+    def validate(self) -> None:
+        if self.min_new_events < 0 or self.retries < 0:
+            raise ParamsError("retrain.min_new_events and retrain.retries must be >= 0")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ParamsError(f"retrain.max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
+        if self.retry_delay_s <= 0 or self.max_retry_delay_s < self.retry_delay_s:
+            raise ParamsError("retrain.retry_delay_s must be > 0 and <= retrain.max_retry_delay_s")
+        try:
+            datetime.date.fromisoformat(self.start_date)
+        except ValueError as err:
+            raise ParamsError(f"retrain.start_date must be a date (YYYY-MM-DD), got {self.start_date!r}") from err
+
+
+@dataclass
+class MlflowParams:
+    enabled: bool = True
+    store_dir: str = "data/mlflow"
+    experiment_prefix: str = "hymoerec"
+    model_name_prefix: str = "hymoerec"
+    min_delta: float = 0.0
+    retries: int = 4
+    backoff_s: float = 1.0
+    exclude_history: bool = True
+    batch_k: int = 10
+    batch_output: str = "reports/recommendations.parquet"
+
+    def validate(self) -> None:
+        if not self.experiment_prefix.strip() or not self.model_name_prefix.strip():
+            raise ParamsError("mlflow.experiment_prefix and mlflow.model_name_prefix must not be empty")
+        if self.min_delta < 0 or self.retries < 0 or self.backoff_s < 0:
+            raise ParamsError("mlflow.min_delta, mlflow.retries and mlflow.backoff_s must be >= 0")
+        if self.batch_k < 1:
+            raise ParamsError(f"mlflow.batch_k must be >= 1, got {self.batch_k}")
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    retrain: RetrainParams = field(default_factory=RetrainParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
 
     def validate(self) -> None:
         self.data.validate()
         self.preprocess.validate()
         self.train.validate()
         self.evaluate.validate()
+        self.retrain.validate()
+        self.mlflow.validate()
         try:
             self.model.validate()
         except ValueError as err:

@@ -21,6 +21,12 @@ def mirror_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+@pytest.fixture(autouse=True)
+def _no_outside_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs go to the embedded store under each test's folder, never to a server set in the developer's shell."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture
 def real_mirror() -> Path:
     """Folder of real dataset copies (see shared/datasets/SOURCES.md); the test is skipped without one."""

@@ -51,6 +51,7 @@ def tiny_overrides(root: Path, **extra: Any) -> dict[str, Any]:
         "train.lr": 0.005,
         "train.eval_batch_size": 128,
         "evaluate.report_dir": str(root / "reports"),
+        "mlflow.store_dir": str(root / "mlflow"),  # the embedded MLflow store stays in the test's folder
         **extra,
     }
 

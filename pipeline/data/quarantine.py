@@ -56,8 +56,14 @@ def write_quarantine(path: str | os.PathLike[str], bad_rows: pd.DataFrame) -> No
         bad_rows.reindex(columns=QUARANTINE_COLUMNS).to_csv(tmp, index=False)
 
 
-def enforce_bad_fraction(bad_rows: pd.DataFrame, total_rows: int, max_fraction: float, quarantine: str) -> None:
-    """Log the counts per reason; raise when bad rows exceed ``max_fraction`` of the input."""
+def enforce_bad_fraction(
+    bad_rows: pd.DataFrame,
+    total_rows: int,
+    max_fraction: float,
+    quarantine: str,
+    setting: str = "data.max_bad_fraction",
+) -> None:
+    """Log the counts per reason; raise when bad rows exceed ``max_fraction`` (the parameter ``setting``)."""
     if total_rows == 0:
         raise BadInputError("the input holds no rows at all: nothing to build interactions from")
     if bad_rows.empty:
@@ -79,6 +85,6 @@ def enforce_bad_fraction(bad_rows: pd.DataFrame, total_rows: int, max_fraction: 
         )
         raise BadInputError(
             f"{len(bad_rows)} of {total_rows} rows ({fraction:.1%}) are malformed, above "
-            f"data.max_bad_fraction={max_fraction}; all bad rows with reasons are in {quarantine}. First bad rows:\n"
+            f"{setting}={max_fraction}; all bad rows with reasons are in {quarantine}. First bad rows:\n"
             f"{examples}"
         )

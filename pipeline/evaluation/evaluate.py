@@ -28,6 +28,7 @@ from pipeline.evaluation.ranking import rank_split
 from pipeline.io import write_json_atomic, write_parquet_atomic
 from pipeline.model import SequentialRecommender
 from pipeline.params import Params
+from pipeline.tracking.runs import log_evaluation
 from pipeline.training.data import EvalSplit, eval_split, history_lengths, item_popularity
 from pipeline.training.train import TrainOutputs, load_trained_model, pick_device
 
@@ -131,6 +132,7 @@ def evaluate(params: Params) -> EvaluateOutputs:
         model.num_items,
         ", seen items excluded" if cfg.exclude_seen else "",
     )
+    log_evaluation(params)  # MLflow (when enabled): final metrics and reports on the model's run
     return outputs
 
 

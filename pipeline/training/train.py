@@ -36,6 +36,7 @@ from pipeline.io import atomic_path, file_digest, write_bytes_atomic, write_json
 from pipeline.model import SequentialRecommender, build_model
 from pipeline.model.config import ModelConfig
 from pipeline.params import Params, from_dict
+from pipeline.tracking.runs import RunLogger
 from pipeline.training.data import eval_split, num_items, training_sequences
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,18 @@ def run_fingerprint(params: Params) -> str:
 
 
 def train(params: Params) -> TrainOutputs:
-    """Train ``params.model`` on the processed splits (resuming a matching checkpoint); returns the paths written."""
+    """Train ``params.model`` on the processed splits (resuming a matching checkpoint); returns the paths written.
+
+    With ``mlflow.enabled`` the run is logged to MLflow (params, tags, one step per epoch, the files written) and
+    its id is left in ``<model_dir>/mlflow_run.json`` for evaluate and register.
+    """
+    rank, _ = _distributed()
+    device = str(pick_device(params.train.device))
+    with RunLogger.for_training(params, run_fingerprint(params), device, rank=rank) as run:
+        return _train(params, run)
+
+
+def _train(params: Params, run: RunLogger) -> TrainOutputs:
     cfg = params.train
     processed = params.preprocess.processed_dir
     outputs = TrainOutputs.under(cfg.model_dir)
@@ -134,6 +146,8 @@ def train(params: Params) -> TrainOutputs:
         loaded = _load_checkpoint(outputs.checkpoint, fingerprint, model, optimizer, scheduler, generator)
         if loaded is not None:
             state, best_weights = loaded
+    if state.epoch == 0 and cfg.warm_start_from:
+        warm_start(model, cfg.warm_start_from, params.model, splits.item_map)
     log.info(
         "training %s (%s, MoE %s) on %d sequences, %d items, device %s%s; %d parameters",
         params.model.kind,
@@ -225,6 +239,7 @@ def train(params: Params) -> TrainOutputs:
                 outputs.checkpoint, fingerprint, model, best_weights, optimizer, scheduler, generator, state
             )
             _write_log(outputs.log, state.history)
+            run.log_epoch(row)
     if rank == 0:
         _save_state_dict(outputs.model, best_weights if best_weights is not None else model.state_dict())
         write_json_atomic(
@@ -237,12 +252,41 @@ def train(params: Params) -> TrainOutputs:
                 "epochs_run": state.epoch,
                 "steps": state.step,
                 "fingerprint": fingerprint,
+                "item_catalogue": catalogue_fingerprint(splits.item_map),
                 "device": str(device),
             },
         )
         _write_log(outputs.log, state.history)
+        run.log_training(params)
     log.info("best validation NDCG@10 %.4f at epoch %d", state.best_metric, state.best_epoch)
     return outputs
+
+
+def catalogue_fingerprint(item_map: str | Path) -> str:
+    """Hash of the raw item ids in id order: two models with equal fingerprints score the same items the same way."""
+    raw = pq.read_table(item_map, columns=["raw_item_id"]).column("raw_item_id").cast("string")
+    return hashlib.sha256("\n".join(raw.to_pylist()).encode()).hexdigest()[:16]
+
+
+def warm_start(model: torch.nn.Module, source: str | Path, model_cfg: ModelConfig, item_map: str | Path) -> bool:
+    """Load the best weights of the model in ``source`` when it has this architecture and item catalogue.
+
+    A retrained catalogue (an item entered or left the k-core) changes what every embedding row means, so then the
+    model trains from scratch; returns whether the weights were loaded.
+    """
+    outputs = TrainOutputs.under(source)
+    if not (outputs.model.is_file() and outputs.config.is_file()):
+        raise FileNotFoundError(f"train.warm_start_from={source}: no model.pt and model.json there")
+    config = json.loads(outputs.config.read_text())
+    if config.get("item_catalogue") != catalogue_fingerprint(item_map):
+        log.info("warm start: %s was trained on another item catalogue; training from scratch", source)
+        return False
+    if config.get("model") != json.loads(json.dumps(dataclasses.asdict(model_cfg))):
+        log.info("warm start: %s has another architecture; training from scratch", source)
+        return False
+    model.load_state_dict(torch.load(outputs.model, map_location="cpu", weights_only=True))
+    log.info("warm start from %s (same architecture and item catalogue)", source)
+    return True
 
 
 def load_trained_model(model_dir: str | Path, device: torch.device | str = "cpu") -> SequentialRecommender:

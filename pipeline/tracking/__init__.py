@@ -1,0 +1,11 @@
+"""MLflow tracking, the model registry with gated champion promotion, and served / batch recommendations.
+
+* :mod:`~pipeline.tracking.store`: tracking URI (``$MLFLOW_TRACKING_URI`` or the embedded SQLite store), retries;
+* :mod:`~pipeline.tracking.runs`: the run each model is logged on, carried between stages in pointer files;
+* :mod:`~pipeline.tracking.registry`: ``register(params)``: pyfunc model, version, ``challenger`` / ``champion``;
+* :mod:`~pipeline.tracking.pyfunc_model`: the pyfunc, logged as code (no pickles);
+* :mod:`~pipeline.tracking.recommender`: raw-id top-K from a trained model (serving and batch);
+* :mod:`~pipeline.tracking.batch`: ``recommend_batch(params)``: the top-K of every user to Parquet.
+
+Nothing is imported here, so importing the package (an Airflow DAG file, ``train`` with tracking off) stays cheap.
+"""

@@ -1,0 +1,120 @@
+"""Top-K recommendations in raw item ids from a trained model: what the served pyfunc and the batch job run.
+
+Raw ids are strings on the way in and out (an id map may hold integers or strings; ``"50"`` and ``50`` are the same
+item). Items of a history that the model has never seen are ignored; a history with no known item gets no
+recommendations (the model has nothing to condition on). Padding (id 0) is never returned, nor, when
+``exclude_history`` is on, an item already in the history. No MLflow import here: the pyfunc wraps this class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.model import SequentialRecommender, build_model
+from pipeline.model.config import ModelConfig
+from pipeline.params import from_dict
+
+DEFAULT_K = 10
+CHUNK = 512  # histories scored per forward pass
+
+
+@dataclass
+class Recommender:
+    model: SequentialRecommender
+    raw_ids: np.ndarray  # raw_ids[i] = raw id (str) of internal item i; raw_ids[0] = "" (padding)
+    index: dict[str, int]  # raw id -> internal id
+    max_seq_len: int
+    exclude_history: bool = True
+    default_k: int = DEFAULT_K
+
+    @classmethod
+    def from_files(
+        cls,
+        weights: str | Path,
+        config: str | Path,
+        item_map: str | Path,
+        *,
+        exclude_history: bool = True,
+        default_k: int = DEFAULT_K,
+    ) -> Recommender:
+        """Rebuild from ``model.pt`` (a state_dict, loaded with ``weights_only=True``), ``model.json`` and the map."""
+        meta = json.loads(Path(config).read_text())
+        cfg = from_dict(ModelConfig, meta["model"], "model")
+        model = build_model(cfg, int(meta["num_items"]))
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        model.eval()
+        table = pq.read_table(item_map)
+        ids = table.column("item_id").to_numpy()
+        raw_ids = np.full(model.num_items + 1, "", dtype=object)
+        raw_ids[ids] = [str(v) for v in table.column("raw_item_id").to_pylist()]
+        index = {raw: int(i) for i, raw in enumerate(raw_ids) if i > 0}
+        return cls(model, raw_ids, index, cfg.max_seq_len, exclude_history, default_k)
+
+    def encode(self, history: Sequence[object]) -> list[int]:
+        """Internal ids of the known items of ``history`` (raw ids), oldest first; unknown ids are dropped."""
+        return [i for i in (self.index.get(str(raw), 0) for raw in history) if i > 0]
+
+    @torch.no_grad()
+    def recommend(
+        self, histories: Sequence[Sequence[object]], ks: Sequence[int], exclude_history: bool | None = None
+    ) -> tuple[list[list[str]], list[list[float]]]:
+        """Per history: up to ``k`` raw item ids, best first, and their scores."""
+        exclude = self.exclude_history if exclude_history is None else exclude_history
+        if len(histories) != len(ks):
+            raise ValueError(f"{len(histories)} histories but {len(ks)} values of k")
+        for k in ks:
+            if k < 1:
+                raise ValueError(f"k must be >= 1, got {k}")
+        encoded = [self.encode(h) for h in histories]
+        items: list[list[str]] = [[] for _ in encoded]
+        scores: list[list[float]] = [[] for _ in encoded]
+        rows = [r for r, e in enumerate(encoded) if e]
+        for start in range(0, len(rows), CHUNK):
+            chunk = rows[start : start + CHUNK]
+            inputs = np.zeros((len(chunk), self.max_seq_len), dtype=np.int64)
+            for j, r in enumerate(chunk):
+                recent = encoded[r][-self.max_seq_len :]
+                inputs[j, self.max_seq_len - len(recent) :] = recent
+            logits = self.model.score_next(torch.from_numpy(inputs)).float()  # column 0 (padding) is -inf
+            if exclude:
+                for j, r in enumerate(chunk):
+                    logits[j, encoded[r]] = -math.inf
+            k_max = min(max(ks[r] for r in chunk), self.model.num_items)
+            top_scores, top_ids = torch.topk(logits, k_max, dim=1)
+            for j, r in enumerate(chunk):
+                keep = torch.isfinite(top_scores[j, : ks[r]])  # -inf = padding or excluded: never returned
+                items[r] = self.raw_ids[top_ids[j, : ks[r]][keep].numpy()].tolist()
+                scores[r] = top_scores[j, : ks[r]][keep].tolist()
+        return items, scores
+
+    def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The pyfunc contract: columns ``history`` (list of raw ids) and optional ``k`` -> ``items``, ``scores``."""
+        if "history" not in frame.columns:
+            raise ValueError("input needs a 'history' column: a list of raw item ids per row")
+        histories = [_as_list(h) for h in frame["history"]]
+        ks = [self.default_k] * len(frame)
+        if "k" in frame.columns:
+            ks = [self.default_k if _missing(k) else int(k) for k in frame["k"]]
+        items, scores = self.recommend(histories, ks)
+        return pd.DataFrame({"items": items, "scores": scores})
+
+
+def _as_list(value: object) -> list[object]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, str):
+        raise ValueError(f"history must be a list of raw item ids, got the string {value!r}")
+    return list(value)  # list, tuple or numpy array
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))

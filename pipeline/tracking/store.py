@@ -1,0 +1,148 @@
+"""Where MLflow lives and how to talk to it: tracking-URI resolution, experiment and model names, retried calls.
+
+``$MLFLOW_TRACKING_URI`` wins (a team server, ``http://127.0.0.1:5000``); without it the pipeline uses an embedded
+store that needs no server: ``sqlite:///<mlflow.store_dir>/mlflow.db`` with artifacts in ``<store_dir>/artifacts``
+(likewise ``artifacts/`` beside any ``sqlite:///`` database named in the variable).
+
+MLflow's own HTTP client retries for minutes by default; here it is told not to (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``
+defaults to 0 unless already set) and every call goes through :meth:`Tracking.call`, which retries transient
+failures ``mlflow.retries`` times with doubling back-off and then raises :class:`TrackingError` naming the URI.
+Importing this module does not import MLflow (train imports it even when tracking is off).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pipeline.params import Params
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+CHAMPION = "champion"  # the version that serves: replaced only by a better one on the same evaluation data
+CHALLENGER = "challenger"  # the most recently registered version, promoted or not
+MAX_BACKOFF_S = 30.0
+# MLflow error codes worth retrying: the server is down, overloaded or failed internally
+TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+
+T = TypeVar("T")
+
+
+class TrackingError(RuntimeError):
+    """MLflow could not be reached (after retries) or refused an operation; the message names the URI."""
+
+
+def experiment_name(params: Params) -> str:
+    return f"{params.mlflow.experiment_prefix}-{params.data.dataset}"
+
+
+def model_name(params: Params) -> str:
+    return f"{params.mlflow.model_name_prefix}-{params.data.dataset}"
+
+
+def embedded_uri(store_dir: str | Path) -> str:
+    return f"sqlite:///{Path(store_dir).resolve() / 'mlflow.db'}"
+
+
+def display_uri(uri: str) -> str:
+    """The URI without credentials (``http://user:token@host`` -> ``http://***@host``), fit for messages."""
+    return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
+def is_transient(err: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return err.error_code in TRANSIENT_CODES
+    return isinstance(err, OSError)  # includes requests' ConnectionError and Timeout
+
+
+@dataclass
+class Tracking:
+    """One MLflow endpoint (tracking and registry) with the pipeline's retry policy."""
+
+    uri: str
+    artifact_root: Path | None = None  # only for the embedded store: experiments are created with artifacts here
+    retries: int = 4
+    backoff_s: float = 1.0
+    _client: Any = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_params(cls, params: Params) -> Tracking:
+        cfg = params.mlflow
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the retries are ours (see module doc)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+        uri = os.environ.get(TRACKING_URI_ENV, "").strip()
+        if uri.startswith("sqlite:///"):  # a local database file: artifacts beside it (MLflow's default is ./mlruns)
+            return cls(
+                uri, Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts", cfg.retries, cfg.backoff_s
+            )
+        if uri:
+            return cls(uri, None, cfg.retries, cfg.backoff_s)
+        store = Path(cfg.store_dir).resolve()
+        store.mkdir(parents=True, exist_ok=True)
+        return cls(embedded_uri(store), store / "artifacts", cfg.retries, cfg.backoff_s)
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        return self._client
+
+    def activate(self) -> None:
+        """Point MLflow's global (fluent) API at this endpoint: needed by ``log_model`` and ``load_model``."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+
+    def call(self, what: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``func(*args, **kwargs)``, retried on transient failures; :class:`TrackingError` once they run out.
+
+        Other errors (an unknown alias, an invalid name) are raised unchanged: callers decide what they mean.
+        """
+        for attempt in range(self.retries + 1):
+            try:
+                return func(*args, **kwargs)
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                if attempt == self.retries:
+                    raise TrackingError(
+                        f"MLflow at {display_uri(self.uri)} is unreachable or failing: {what} failed "
+                        f"{attempt + 1} time(s), last error: {_short(err)}. Start the server or fix "
+                        f"${TRACKING_URI_ENV} (unset it for the embedded store), or set mlflow.enabled=false."
+                    ) from err
+                delay = min(self.backoff_s * 2**attempt, MAX_BACKOFF_S)
+                log.warning(
+                    "MLflow %s failed (%s); retry %d/%d in %.1fs", what, _short(err), attempt + 1, self.retries, delay
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def experiment_id(self, name: str) -> str:
+        """Id of experiment ``name``, created (or restored from the bin) on first use."""
+        experiment = self.call("get experiment", self.client.get_experiment_by_name, name)
+        if experiment is None:
+            location = (self.artifact_root / name).as_uri() if self.artifact_root is not None else None
+            return self.call("create experiment", self.client.create_experiment, name, artifact_location=location)
+        if experiment.lifecycle_stage == "deleted":
+            self.call("restore experiment", self.client.restore_experiment, experiment.experiment_id)
+        return experiment.experiment_id
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:300] + "..."

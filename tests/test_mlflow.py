@@ -1,0 +1,538 @@
+"""MLflow tracking, registry, gated promotion, serving and faults, against a real ``mlflow server`` (no mocks).
+
+One server per module (SQLite backend, temporary artifact folder, 127.0.0.1, a free port, one worker); a few tiny
+models trained once on synthetic data; every registry test uses its own model name so the tests stay independent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline.data.preprocess import PreprocessOutputs
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.io import file_digest
+from pipeline.params import Params, load_params
+from pipeline.tracking import registry
+from pipeline.tracking.batch import recommend_batch, user_histories
+from pipeline.tracking.recommender import Recommender
+from pipeline.tracking.registry import STATE_TAG, champion_uri, decide, download_champion, register
+from pipeline.tracking.runs import read_pointer, train_pointer
+from pipeline.tracking.store import TRACKING_URI_ENV, Tracking, TrackingError, model_name
+from pipeline.training.train import train
+from tests.conftest import REPO_ROOT, closed_port
+from tests.test_training import prepared, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+# ----------------------------------------------------------------------------------------------- a real server
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout_s}s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    """Stop a process started here in its own session, with its children (uvicorn workers)."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a SQLite store and proxied artifacts in ``root``; restartable."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = self.root / "server.log"
+        cmd = [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
+        with open(log, "a") as out:
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=self.root,
+                env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _wait_http(f"{self.uri}/health", self.proc, log)
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.proc = None
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.uri, registry_uri=self.uri)  # explicit: the global registry URI may be elsewhere
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_the_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from threads
+    if "server" in request.fixturenames:
+        monkeypatch.setenv(TRACKING_URI_ENV, request.getfixturevalue("server").uri)
+
+
+# ----------------------------------------------------------------------------------------------- tiny models
+def params_for(data_root: Path, model_dir: Path, **extra: Any) -> Params:
+    overrides = tiny_overrides(
+        data_root,
+        **{
+            "train.model_dir": str(model_dir / "models"),
+            "evaluate.report_dir": str(model_dir / "reports"),
+            "mlflow.store_dir": str(model_dir / "mlflow"),
+            "mlflow.retries": 2,
+            "mlflow.backoff_s": 0.1,
+            **extra,
+        },
+    )
+    return load_params(REPO_ROOT / "params.yaml", overrides)
+
+
+def named(params: Params, prefix: str, **mlflow: Any) -> Params:
+    """The same model registered under its own name (``<prefix>-synthetic``), with other mlflow settings."""
+    out = copy.deepcopy(params)
+    out.mlflow.model_name_prefix = prefix
+    for key, value in mlflow.items():
+        setattr(out.mlflow, key, value)
+    return out
+
+
+def ndcg_of(params: Params) -> float:
+    return json.loads((Path(params.evaluate.report_dir) / "metrics.json").read_text())["test"]["ndcg@10"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-data")
+    prepared(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, data_root: Path, server: MlflowServer) -> dict[str, Params]:
+    """good (6 epochs) and bad (1 slow epoch) trained and evaluated on the server, plus copies of both evaluated
+    again as new runs (same weights, so exactly the same test NDCG@10)."""
+    root = tmp_path_factory.mktemp("models")
+    out: dict[str, Params] = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TRACKING_URI_ENV, server.uri)
+        torch.set_num_threads(1)
+        out["good"] = params_for(data_root, root / "good", **{"train.epochs": 6, "train.patience": 6})
+        out["bad"] = params_for(data_root, root / "bad", **{"train.epochs": 1, "train.lr": 0.0003})
+        for params in out.values():
+            train(params)
+            evaluate(params)
+        for source in ("good", "bad"):
+            copy_params = params_for(data_root, root / f"{source}-copy")
+            src, dst = Path(out[source].train.model_dir), Path(copy_params.train.model_dir)
+            dst.mkdir(parents=True)
+            for name in ("model.pt", "model.json", "train_log.csv"):  # no mlflow_run.json: a run of its own
+                shutil.copy2(src / name, dst / name)
+            evaluate(copy_params)
+            out[f"{source}-copy"] = copy_params
+    assert ndcg_of(out["good"]) > ndcg_of(out["bad"]) + 0.01
+    assert ndcg_of(out["good-copy"]) == ndcg_of(out["good"])
+    return out
+
+
+def run_of(params: Params) -> str:
+    return read_pointer(Path(params.evaluate.report_dir) / "mlflow_run.json")["run_id"]
+
+
+def aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    return {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
+
+
+def versions(client: MlflowClient, name: str) -> list[str]:
+    return sorted((str(mv.version) for mv in client.search_model_versions(f"name = '{name}'")), key=int)
+
+
+# ----------------------------------------------------------------------------------------------- tracking
+def test_train_and_evaluate_log_one_run_with_params_metrics_tags_artifacts(
+    models: dict[str, Params], server: MlflowServer
+) -> None:
+    client = server.client()
+    good = models["good"]
+    run_id = run_of(good)
+    assert read_pointer(train_pointer(good))["run_id"] == run_id  # evaluate continued train's run
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "hymoerec-synthetic"
+    assert client.get_run(run_of(models["bad"])).info.experiment_id == experiment.experiment_id  # side by side
+
+    params = run.data.params
+    assert (
+        params["model.kind"] == "hymoerec" and params["train.epochs"] == "6" and params["evaluate.ks"] == "[5, 10, 20]"
+    )
+    assert params["data.dataset"] == "synthetic" and params["model.moe.enabled"] == "true"
+
+    history = client.get_metric_history(run_id, "valid_ndcg_at_10")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # step = epoch
+    assert {"train_loss", "lb_loss", "usage_entropy", "epoch_seconds"} <= set(run.data.metrics)
+    metrics = json.loads((Path(good.evaluate.report_dir) / "metrics.json").read_text())
+    assert run.data.metrics["test.ndcg_at_10"] == pytest.approx(metrics["test"]["ndcg@10"])
+    assert run.data.metrics["valid.ndcg_at_10"] == pytest.approx(metrics["valid"]["ndcg@10"])
+    short = metrics["test_by_history_length"]["short"]["ndcg@10"]
+    assert run.data.metrics["test_by_history_length.short.ndcg_at_10"] == pytest.approx(short)
+    assert "test_by_target_popularity.tail.hr_at_10" in run.data.metrics
+
+    tags = run.data.tags
+    processed = PreprocessOutputs.under(good.preprocess.processed_dir)
+    assert tags["dataset"] == "synthetic" and tags["model.kind"] == "hymoerec" and tags["device"] == "cpu"
+    assert tags["data.processed.test.sha256"] == file_digest(processed.test)
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    assert tags["eval.fingerprint"]
+
+    root = {a.path for a in client.list_artifacts(run_id)}
+    assert {"params.yaml", "metrics.json", "stats.json", "train_log.csv", "model.json", "plots"} <= root
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"plots/training_curves.png", "plots/bucket_metrics.png", "plots/expert_load.png"} <= plots
+    logged = Path(client.download_artifacts(run_id, "params.yaml", str(server.root / "dl")))
+    assert "min_delta" in logged.read_text()
+
+
+def test_evaluate_of_a_model_without_a_run_starts_a_backfilled_run(
+    models: dict[str, Params], server: MlflowServer
+) -> None:
+    client = server.client()
+    copy_run, original_run = run_of(models["good-copy"]), run_of(models["good"])
+    assert copy_run != original_run
+    run = client.get_run(copy_run)
+    assert run.data.tags["backfilled_from"] == "train_log.csv"
+    assert sorted(m.step for m in client.get_metric_history(copy_run, "valid_ndcg_at_10")) == [1, 2, 3, 4, 5, 6]
+    assert run.data.metrics["test.ndcg_at_10"] == client.get_run(original_run).data.metrics["test.ndcg_at_10"]
+
+
+# ----------------------------------------------------------------------------------------------- registry
+def test_decide_rule() -> None:
+    assert decide(0.1, None, 0.5)  # no champion: the first version serves
+    assert decide(0.30, 0.20, 0.05) and not decide(0.22, 0.20, 0.05)
+    assert not decide(0.20, 0.20, 0.0) and not decide(0.19, 0.20, 0.0)  # equal or worse never replaces
+
+
+def test_register_promotes_only_a_better_model(models: dict[str, Params], server: MlflowServer) -> None:
+    client = server.client()
+    bad, good = named(models["bad"], "gate"), named(models["good"], "gate")
+    name = model_name(good)
+
+    first = register(bad)
+    assert (first.version, first.decision, first.measured) == ("1", "promoted", "no champion")
+    assert aliases(client, name) == {"challenger": "1", "champion": "1"}
+
+    better = register(good)
+    assert (better.version, better.decision, better.measured) == ("2", "promoted", "logged")
+    assert better.champion_ndcg == pytest.approx(ndcg_of(bad)) and better.champion_version == "1"
+    assert better.challenger_ndcg == pytest.approx(ndcg_of(good))
+    assert aliases(client, name) == {"challenger": "2", "champion": "2"}
+    mv = client.get_model_version(name, "2")
+    assert mv.status == "READY" and mv.run_id == run_of(good) and mv.tags[STATE_TAG] == "complete"
+    run = client.get_run(run_of(good))
+    assert run.data.tags["promotion.decision"] == "promoted"
+    assert run.data.metrics["promotion.champion_ndcg_at_10"] == pytest.approx(ndcg_of(bad))
+    assert run.data.metrics["promotion.challenger_ndcg_at_10"] == pytest.approx(ndcg_of(good))
+
+    worse = register(named(models["bad-copy"], "gate"))
+    assert (worse.version, worse.decision) == ("3", "kept")
+    assert aliases(client, name) == {"challenger": "3", "champion": "2"}  # champion stays
+    assert client.get_run(run_of(models["bad-copy"])).data.tags["promotion.decision"] == "kept"
+
+    equal = register(named(models["good-copy"], "gate"))
+    assert (equal.version, equal.decision) == ("4", "kept")
+    assert equal.challenger_ndcg == equal.champion_ndcg
+    assert aliases(client, name) == {"challenger": "4", "champion": "2"}
+
+    again = register(good)  # the same run and model.pt: the recorded decision, nothing new, no alias moved
+    assert (again.version, again.decision) == ("2", "promoted")
+    assert versions(client, name) == ["1", "2", "3", "4"]
+    assert aliases(client, name) == {"challenger": "4", "champion": "2"}
+
+
+def test_min_delta_gates_a_small_gain(models: dict[str, Params], server: MlflowServer) -> None:
+    client = server.client()
+    gain = ndcg_of(models["good"]) - ndcg_of(models["bad"])
+    register(named(models["bad"], "delta"))
+    result = register(named(models["good"], "delta", min_delta=gain + 0.01))
+    assert result.decision == "kept" and result.min_delta == pytest.approx(gain + 0.01)
+    assert aliases(client, "delta-synthetic") == {"challenger": "2", "champion": "1"}
+
+
+def test_champion_from_other_evaluation_data_is_rescored(
+    models: dict[str, Params], server: MlflowServer, tmp_path: Path
+) -> None:
+    """Under another protocol (seen items excluded) the champion's logged figure does not compare: it is re-scored
+    with the project's evaluator, and matches what evaluate reports for it under that protocol."""
+    client = server.client()
+    register(named(models["good"], "rescore"))
+    expected_params = copy.deepcopy(models["good"])
+    expected_params.evaluate.exclude_seen = True
+    expected_params.evaluate.report_dir = str(tmp_path / "expected")
+    expected_params.mlflow.enabled = False
+    evaluate(expected_params)
+    expected = ndcg_of(expected_params)
+
+    challenger = copy.deepcopy(named(models["bad-copy"], "rescore"))
+    challenger.evaluate.exclude_seen = True
+    challenger.evaluate.report_dir = str(tmp_path / "challenger")
+    evaluate(challenger)
+    result = register(challenger)
+    assert result.measured == "rescored"
+    assert result.champion_ndcg == pytest.approx(expected, abs=1e-9)
+    assert result.decision == "kept" and aliases(client, "rescore-synthetic")["champion"] == "1"
+
+
+# ----------------------------------------------------------------------------------------------- serving
+@pytest.fixture(scope="module")
+def served(models: dict[str, Params], server: MlflowServer) -> Params:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TRACKING_URI_ENV, server.uri)
+        params = named(models["good"], "serve")
+        assert register(params).decision == "promoted"
+    return params
+
+
+def sample_histories(params: Params, n: int = 5) -> list[list[str]]:
+    return user_histories(params.preprocess.processed_dir)[1][:n]
+
+
+def test_champion_loads_by_alias_and_recommends_raw_ids(served: Params, server: MlflowServer) -> None:
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(champion_uri(served))
+    histories = sample_histories(served)
+    out = model.predict(pd.DataFrame({"history": histories, "k": [5] * len(histories)}))
+    assert list(out.columns) == ["items", "scores"] and len(out) == len(histories)
+    local = Recommender.from_files(
+        Path(served.train.model_dir) / "model.pt",
+        Path(served.train.model_dir) / "model.json",
+        PreprocessOutputs.under(served.preprocess.processed_dir).item_map,
+    )
+    known = set(local.index)
+    for history, items, scores in zip(histories, out["items"], out["scores"], strict=True):
+        assert len(items) == 5 and set(items) <= known  # never padding, never an unknown id
+        assert not set(items) & set(history)  # the user's own history is excluded
+        assert list(scores) == sorted(scores, reverse=True)
+    assert [list(i) for i in out["items"]] == local.recommend(histories, [5] * len(histories))[0]
+
+    noisy = [["no-such-item", *histories[0], "another"], ["no-such-item"], []]
+    out = model.predict(pd.DataFrame({"history": noisy, "k": [5, 5, 5]}))
+    assert list(out["items"][0]) == local.recommend([histories[0]], [5])[0][0]  # unknown ids are ignored
+    assert list(out["items"][1]) == [] and list(out["items"][2]) == []  # nothing known: nothing to condition on
+
+    folder = Path(mlflow.artifacts.download_artifacts(champion_uri(served), dst_path=str(server.root / "champ")))
+    assert not list(folder.rglob("*.pkl")) and not list(folder.rglob("*.pickle"))  # models from code, no pickles
+    assert (folder / "artifacts" / "model.pt").exists() and (folder / "code" / "pipeline" / "model").is_dir()
+    assert json.loads((folder / "serving_input_example.json").read_text())
+
+    warm = download_champion(served, server.root / "warm")  # what a warm-started retrain loads
+    assert file_digest(warm / "model.pt") == file_digest(Path(served.train.model_dir) / "model.pt")
+
+
+def test_served_champion_answers_http(served: Params, server: MlflowServer, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", champion_uri(served), "--env-manager", "local"]
+    cmd += ["-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    with open(log, "w") as out:  # from another working directory: the model carries its code
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/ping", proc, log)
+        histories = sample_histories(served, 3)
+        body = json.dumps({"dataframe_records": [{"history": h, "k": 4} for h in histories]}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = json.loads(response.read())["predictions"]
+    finally:
+        _stop(proc)
+    local = Recommender.from_files(
+        Path(served.train.model_dir) / "model.pt",
+        Path(served.train.model_dir) / "model.json",
+        PreprocessOutputs.under(served.preprocess.processed_dir).item_map,
+    )
+    items, scores = local.recommend(histories, [4, 4, 4])
+    assert [p["items"] for p in predictions] == items
+    assert np.allclose([p["scores"] for p in predictions], scores, atol=1e-5)
+
+
+def test_batch_writes_top_k_for_every_user(served: Params, tmp_path: Path) -> None:
+    from_champion = recommend_batch(served, k=5, output=tmp_path / "champion.parquet")
+    table = pq.read_table(from_champion)
+    users, histories = user_histories(served.preprocess.processed_dir)
+    assert table.column("user_id").to_pylist() == users
+    for history, items in zip(histories, table.column("items").to_pylist(), strict=True):
+        assert len(items) == 5 and not set(items) & set(history)
+    local = copy.deepcopy(served)
+    local.mlflow.enabled = False  # no MLflow: the local model.pt, the same code
+    from_files = pq.read_table(recommend_batch(local, k=5, output=tmp_path / "local.parquet"))
+    assert from_files.column("items").to_pylist() == table.column("items").to_pylist()
+
+
+# ----------------------------------------------------------------------------------------------- embedded store
+def test_embedded_store_needs_no_server(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    monkeypatch.delenv(TRACKING_URI_ENV, raising=False)
+    params = params_for(data_root, tmp_path, **{"train.epochs": 2, "mlflow.model_name_prefix": "embedded"})
+    train(params)
+    evaluate(params)
+    result = register(params)
+    store = Path(params.mlflow.store_dir)
+    assert result.decision == "promoted" and (store / "mlflow.db").is_file()
+    assert list((store / "artifacts").rglob("model.pt"))  # artifacts beside the database, not in ./mlruns
+    db = f"sqlite:///{store / 'mlflow.db'}"
+    client = MlflowClient(db, registry_uri=db)
+    assert aliases(client, "embedded-synthetic") == {"challenger": "1", "champion": "1"}
+    run = client.get_run(result.run_id)
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "valid_ndcg_at_10")) == [1, 2]
+    model = mlflow.pyfunc.load_model(champion_uri(params))
+    out = model.predict(pd.DataFrame({"history": sample_histories(params, 2)}))
+    assert all(len(items) == params.mlflow.batch_k for items in out["items"])  # k defaults to mlflow.batch_k
+
+    monkeypatch.setenv(TRACKING_URI_ENV, f"sqlite:///{tmp_path / 'elsewhere' / 'named.db'}")
+    assert Tracking.from_params(params).artifact_root == tmp_path / "elsewhere" / "artifacts"  # not ./mlruns
+
+
+# ----------------------------------------------------------------------------------------------- faults
+def test_unreachable_tracking_fails_clearly_unless_disabled(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv(TRACKING_URI_ENV, uri)
+    params = params_for(data_root, tmp_path / "on", **{"train.epochs": 1})
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=uri.replace(".", r"\.")) as caught:
+        train(params)
+    assert "3 time(s)" in str(caught.value)  # first attempt + mlflow.retries = 2
+    assert time.monotonic() - started < 30
+    assert not (Path(params.train.model_dir) / "model.pt").exists()  # failed before training, not after
+
+    off = params_for(data_root, tmp_path / "off", **{"train.epochs": 1, "mlflow.enabled": False})
+    train(off)
+    evaluate(off)
+    assert read_pointer(train_pointer(off)) == {"run_id": None}
+    assert register(off).decision == "skipped"
+
+
+def test_server_down_during_register_moves_no_alias_and_leaves_nothing_half_registered(
+    models: dict[str, Params], server: MlflowServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = server.client()
+    bad, good = named(models["bad"], "fault"), named(models["good"], "fault")
+    name = model_name(good)
+    register(bad)
+    before = aliases(client, name)
+    assert before == {"challenger": "1", "champion": "1"}
+
+    # 1. a step fails after the version exists, server up: aliases restored, version deleted at once
+    original = registry.wait_until_ready
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise TrackingError("injected failure before the aliases move")
+
+    monkeypatch.setattr(registry, "wait_until_ready", refuse)
+    with pytest.raises(TrackingError, match="injected"):
+        register(good)
+    assert versions(client, name) == ["1"] and aliases(client, name) == before
+
+    # 2. the server dies once the version exists: nothing can be undone now...
+    def die_then_wait(*args: Any, **kwargs: Any) -> None:
+        server.stop()
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "wait_until_ready", die_then_wait)
+    uri = server.uri.replace(".", r"\.")
+    with pytest.raises(TrackingError, match=uri):
+        register(good)
+    monkeypatch.setattr(registry, "wait_until_ready", original)
+    # ... and a register while it is down fails before touching anything, naming the URI
+    with pytest.raises(TrackingError, match=uri):
+        register(good)
+
+    server.start()
+    assert aliases(client, name) == before  # no alias moved
+    orphans = [v for v in versions(client, name) if v != "1"]
+    assert len(orphans) == 1  # the version of step 2, and nothing from the register while down
+    orphan = client.get_model_version(name, orphans[0])
+    assert orphan.tags[STATE_TAG] == "pending" and not orphan.aliases  # never served, marked for removal
+    result = register(good)  # recovery first: the orphan goes, then the registration completes
+    assert result.decision == "promoted"
+    assert versions(client, name) == ["1", result.version]
+    assert aliases(client, name) == {"challenger": result.version, "champion": result.version}
