@@ -1,0 +1,159 @@
+"""HyMoERec retraining on fresh interaction logs (Airflow 3 TaskFlow).
+
+Each run covers its data interval ``[data_interval_start, data_interval_end)`` (the schedule's previous period;
+a manual run with a logical date covers the period before that date):
+
+    collect -> validate -> merge -> enough_new_events -> download -> preprocess -> train -> evaluate -> register
+
+- **collect** copies the inbox's log files dated within the interval (``retrain.inbox``: a folder or fsspec URL);
+- **validate** checks them with the download stage's readers; bad rows go to ``ingest/quarantine.csv`` with reasons,
+  and the run fails above ``retrain.max_bad_fraction``;
+- **merge** adds the valid events to the date-partitioned store (de-duplicated, so a re-run adds nothing twice) and
+  updates the store's asset (``file://<store folder>``), which other DAGs can be scheduled on;
+- **enough_new_events** skips the rest (the champion stays) when fewer than ``retrain.min_new_events`` arrived;
+- **download ... evaluate** are the DVC stages' functions, run on the store in the interval's own folder; **train**
+  starts from the champion's weights when ``retrain.warm_start`` is on and the item catalogue is unchanged;
+- **register** logs and registers the model; ``champion`` moves only to a better model (DVC's ``evaluate`` stage
+  runs evaluate and register in one go; here they are two tasks, so a registration failure retries on its own).
+
+Every task calls one function of :mod:`pipeline.ingest.retrain`, which calls the same functions as
+``python -m pipeline`` and ``dvc repro``. Parsing this file imports only PyYAML and the Airflow SDK; ``pipeline``,
+torch and MLflow load inside the tasks. Settings come from the ``retrain:`` section of ``params.yaml``
+(``$HYMOE_PARAMS`` names another file); a run's conf may hold ``{"overrides": {"train.epochs": 5}}`` to change
+parameters for that run only.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, task
+
+PARAMS_FILE = Path(os.environ.get("HYMOE_PARAMS") or Path(__file__).resolve().parents[1] / "params.yaml").resolve()
+REQUIRED = ("schedule", "start_date", "store_dir", "retries", "retry_delay_s", "max_retry_delay_s")
+
+
+def _settings() -> dict[str, Any]:
+    retrain = (yaml.safe_load(PARAMS_FILE.read_text()) or {}).get("retrain") or {}
+    missing = [key for key in REQUIRED if key not in retrain]
+    if missing:
+        raise KeyError(f"{PARAMS_FILE}: the retrain section lacks {', '.join(missing)}")
+    return retrain
+
+
+SETTINGS = _settings()
+# named by its URI: another store folder is another asset (two URIs under one name would deactivate both)
+STORE = Asset((PARAMS_FILE.parent / SETTINGS["store_dir"]).resolve().as_uri(), group="hymoerec")
+
+
+def _timetable(schedule: str | None) -> CronDataIntervalTimetable | None:
+    # a data-interval timetable: a run at midnight covers the day before (a plain "@daily" would give Airflow 3's
+    # trigger timetable, whose runs have an empty interval)
+    return CronDataIntervalTimetable(schedule, timezone="UTC") if schedule else None
+
+
+def _interval(context: dict[str, Any]) -> Any:
+    from pipeline.ingest.retrain import Interval
+
+    start, end = context.get("data_interval_start"), context.get("data_interval_end")
+    if start is None or end is None or start >= end:
+        raise ValueError(
+            f"run {context['run_id']} has no data interval ({start} .. {end}): trigger it with a logical date (it "
+            "covers the schedule's period before that date) or, with retrain.schedule null, give data_interval_start "
+            "and data_interval_end (REST API)"
+        )
+    return Interval(start, end)
+
+
+def _overrides(context: dict[str, Any]) -> dict[str, Any]:
+    return dict(context["params"].get("overrides") or {})
+
+
+@dag(
+    dag_id="hymoerec_retrain",
+    schedule=_timetable(SETTINGS["schedule"]),
+    start_date=datetime.fromisoformat(str(SETTINGS["start_date"])).replace(tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args={
+        "retries": SETTINGS["retries"],
+        "retry_delay": timedelta(seconds=SETTINGS["retry_delay_s"]),
+        "retry_exponential_backoff": 2.0,  # Airflow 3.3 takes the multiplier: 2.0 doubles the delay each retry
+        "max_retry_delay": timedelta(seconds=SETTINGS["max_retry_delay_s"]),
+    },
+    params={
+        "overrides": Param(
+            {},
+            type="object",
+            description='parameter overrides for this run, as for --set: {"train.epochs": 5}',
+        )
+    },
+    tags=["hymoerec", "retraining"],
+    doc_md=__doc__,
+)
+def hymoerec_retrain() -> None:
+    @task
+    def collect(**context: Any) -> list[str]:
+        from pipeline.ingest import retrain
+
+        return retrain.collect_logs(PARAMS_FILE, _interval(context), _overrides(context))
+
+    @task
+    def validate(files: list[str], **context: Any) -> dict[str, Any]:
+        from pipeline.ingest import retrain
+
+        return retrain.validate_batch(PARAMS_FILE, _interval(context), files, _overrides(context))
+
+    @task(outlets=[STORE])
+    def merge(report: dict[str, Any], **context: Any) -> dict[str, Any]:
+        from pipeline.ingest import retrain
+
+        return retrain.merge_batch(PARAMS_FILE, _interval(context), _overrides(context))
+
+    @task.short_circuit
+    def enough_new_events(report: dict[str, Any], merged: dict[str, Any], **context: Any) -> bool:
+        # `merged` only orders this check after the merge: a quiet interval still lands in the store
+        from pipeline.ingest import retrain
+
+        return retrain.enough_new_events(PARAMS_FILE, report, _overrides(context))
+
+    @task
+    def download(**context: Any) -> None:
+        from pipeline.ingest import retrain
+
+        retrain.run_stage("download", PARAMS_FILE, _interval(context), _overrides(context))
+
+    @task
+    def preprocess(**context: Any) -> None:
+        from pipeline.ingest import retrain
+
+        retrain.run_stage("preprocess", PARAMS_FILE, _interval(context), _overrides(context))
+
+    @task
+    def train(**context: Any) -> dict[str, Any]:
+        from pipeline.ingest import retrain
+
+        return retrain.train_model(PARAMS_FILE, _interval(context), _overrides(context))
+
+    @task
+    def evaluate(**context: Any) -> None:
+        from pipeline.ingest import retrain
+
+        retrain.run_stage("evaluate", PARAMS_FILE, _interval(context), _overrides(context))
+
+    @task
+    def register(**context: Any) -> dict[str, Any]:
+        from pipeline.ingest import retrain
+
+        return retrain.register_model(PARAMS_FILE, _interval(context), _overrides(context))
+
+    report = validate(collect())
+    gate = enough_new_events(report, merge(report))
+    gate >> download() >> preprocess() >> train() >> evaluate() >> register()
+
+
+hymoerec_retrain()

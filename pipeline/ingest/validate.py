@@ -1,0 +1,140 @@
+"""Validate one interval's log files: the download stage's readers and quarantine, plus checks only fresh logs need.
+
+Each file goes through :func:`pipeline.data.readers.read_custom` with the ``data.custom`` column mapping, which
+quarantines rows with a missing or mistyped field or an unparsable / negative timestamp (file, line, reason, raw
+text). Two checks follow on the parsed events:
+
+- a timestamp more than a day in the future (a log in milliseconds instead of seconds, a broken clock) is
+  quarantined and counts as malformed;
+- an exact repeat of an earlier event of the batch (same user_id, item_id, timestamp: a shipper that sent a line
+  or a file twice) is quarantined for the record but is not malformed: it does not count toward the bad-row fraction.
+
+These rows were parsed already, so their quarantine entry carries line 0 and the parsed values as text. A file that
+cannot be read at all (no header, missing columns, not Parquet) fails the interval with the file named: that is a
+producer changing its format, which a person should look at. Above ``retrain.max_bad_fraction`` malformed rows the
+interval fails after writing the quarantine file; below it the good rows go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.data.quarantine import bad_rows_frame, empty_bad_rows, enforce_bad_fraction, write_quarantine
+from pipeline.data.readers import read_custom
+from pipeline.ingest.store import KEY, store_table
+from pipeline.io import write_json_atomic, write_parquet_atomic
+from pipeline.params import CustomSourceParams
+
+log = logging.getLogger(__name__)
+
+FUTURE_SLACK_S = 86_400
+DUPLICATE_REASON = "duplicate event (same user_id, item_id and timestamp as an earlier row of this batch)"
+FUTURE_REASON = "timestamp more than a day in the future (milliseconds instead of seconds?)"
+
+
+@dataclass(frozen=True)
+class BatchOutputs:
+    batch: Path  # valid, de-duplicated events in the store schema
+    quarantine: Path  # every rejected row with its reason
+    report: Path  # the counts below, as JSON
+
+    @classmethod
+    def under(cls, folder: str | Path) -> BatchOutputs:
+        folder = Path(folder)
+        return cls(folder / "batch.parquet", folder / "quarantine.csv", folder / "report.json")
+
+
+@dataclass
+class BatchReport:
+    files: int = 0
+    rows: int = 0  # rows read, good or bad
+    malformed: int = 0  # quarantined rows that count toward max_bad_fraction
+    duplicates: int = 0  # repeats inside the batch (quarantined, not malformed)
+    events: int = 0  # valid distinct events in the batch
+    reasons: dict[str, int] = field(default_factory=dict)  # quarantined rows per reason
+
+
+def validate_logs(
+    files: list[str | Path],
+    custom: CustomSourceParams,
+    max_bad_fraction: float,
+    out_dir: str | Path,
+    now: float | None = None,
+    sources: dict[str, str] | None = None,
+) -> BatchReport:
+    """Check ``files`` and write ``batch.parquet``, ``quarantine.csv`` and ``report.json`` under ``out_dir``.
+
+    ``now`` (unix seconds, default the wall clock) is the reference of the future-timestamp check; ``sources`` maps
+    a file to the name the quarantine should show (the inbox URL of a staged copy).
+    """
+    outputs = BatchOutputs.under(out_dir)
+    outputs.batch.unlink(missing_ok=True)  # a failed attempt must not leave an earlier attempt's batch behind
+    now = time.time() if now is None else now
+    columns = {"user_id": custom.user_col, "item_id": custom.item_col, "timestamp": custom.timestamp_col}
+    if custom.rating_col:
+        columns["rating"] = custom.rating_col
+    events, malformed, total = [], [empty_bad_rows()], 0
+    for path in sorted(map(str, files)):
+        result = read_custom(
+            path,
+            columns,
+            fmt=custom.format,
+            delimiter=custom.csv_delimiter,
+            event_col=custom.event_col,
+            event_types=custom.event_types,
+        )
+        total += result.total_rows
+        malformed.append(result.bad_rows)
+        future = result.events["timestamp"] > now + FUTURE_SLACK_S
+        malformed.append(_parsed_rows(path, result.events[future], FUTURE_REASON))
+        events.append(result.events[~future].assign(_source=path))
+    frame = pd.concat(events, ignore_index=True) if events else pd.DataFrame(columns=[*KEY, "_source"])
+    repeated = frame.duplicated(KEY, keep="first")
+    duplicates = [_parsed_rows(src, rows, DUPLICATE_REASON) for src, rows in frame[repeated].groupby("_source")]
+    malformed_rows = pd.concat(malformed, ignore_index=True)
+    quarantined = pd.concat([malformed_rows, *duplicates], ignore_index=True)
+    if sources:
+        quarantined["source"] = quarantined["source"].map(lambda name: sources.get(name, name)).astype("string")
+    write_quarantine(outputs.quarantine, quarantined)
+    report = BatchReport(
+        files=len(files),
+        rows=total,
+        malformed=len(malformed_rows),
+        duplicates=int(repeated.sum()),
+        events=int((~repeated).sum()),
+        reasons={str(k): int(v) for k, v in quarantined["reason"].value_counts().items()},
+    )
+    write_json_atomic(outputs.report, asdict(report))
+    if total:
+        enforce_bad_fraction(
+            malformed_rows, total, max_bad_fraction, str(outputs.quarantine), setting="retrain.max_bad_fraction"
+        )
+    good = frame[~repeated].drop(columns="_source")
+    write_parquet_atomic(outputs.batch, store_table(good.sort_values(KEY, kind="stable")))
+    log.info(
+        "validated %d file(s): %d rows, %d valid events, %d malformed, %d duplicates",
+        report.files,
+        report.rows,
+        report.events,
+        report.malformed,
+        report.duplicates,
+    )
+    return report
+
+
+def _parsed_rows(source: str, events: pd.DataFrame, reason: str) -> pd.DataFrame:
+    if events.empty:
+        return empty_bad_rows()
+    raw = events["user_id"].astype("string") + "," + events["item_id"].astype("string") + ","
+    raw = raw + events["timestamp"].astype("string")
+    return bad_rows_frame(
+        source,
+        pd.Series([0] * len(events)),
+        pd.Series([reason] * len(events)),
+        raw.reset_index(drop=True),
+    )

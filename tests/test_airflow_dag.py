@@ -1,0 +1,328 @@
+"""The retraining DAG for real: DagBag, task graph, ``dag.test()`` runs on replayed synthetic logs with a real MLflow
+SQLite store, and (slow) the real scheduler + DAG processor + API server driven over the REST API. No mocks.
+
+The in-process runs share one module-level world, in order: a first interval trains and registers the champion;
+an interval without logs, a malformed log file, an interval with too many bad rows and a failing train task must
+all leave the champion alone; re-running the first interval must not add an event twice.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.ingest.replay import replay
+from pipeline.ingest.retrain import Interval
+from pipeline.ingest.store import count_events, read_store
+from pipeline.params import load_params
+from tests.conftest import REPO_ROOT
+from tests.test_ingest import tiny_retrain, write_params
+
+torch.set_num_threads(1)
+
+# Airflow reads its configuration once, when first imported: point it at a private home before that happens.
+WORLD = Path(tempfile.mkdtemp(prefix="hymoe-airflow-test-"))
+atexit.register(shutil.rmtree, WORLD, ignore_errors=True)
+PARAMS_FILE = WORLD / "params.yaml"
+AIRFLOW_ENV = {
+    "AIRFLOW_HOME": str(WORLD / "airflow_home"),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "HYMOE_PARAMS": str(PARAMS_FILE),  # read when the DAG file is parsed
+}
+os.environ.update(AIRFLOW_ENV)
+DAG_ID = "hymoerec_retrain"
+CHAIN = [
+    "collect",
+    "validate",
+    "merge",
+    "enough_new_events",
+    "download",
+    "preprocess",
+    "train",
+    "evaluate",
+    "register",
+]
+TRAINING = CHAIN[4:]
+CUT = date(2021, 2, 15)  # replayed weekly: log files 2021-02-15, -22, 03-01, 03-08
+
+
+def run_dir(day: str) -> Path:
+    return WORLD / "work" / Interval.parse(day).name
+
+
+# ----------------------------------------------------------------------------------------------- the world
+@pytest.fixture(scope="module")
+def world() -> dict[str, Any]:
+    import airflow.configuration
+
+    if Path(airflow.configuration.AIRFLOW_HOME) != Path(AIRFLOW_ENV["AIRFLOW_HOME"]):
+        pytest.skip("Airflow was imported before this module set AIRFLOW_HOME; run this file on its own")
+    write_params(PARAMS_FILE, tiny_retrain(WORLD, **{"mlflow.enabled": True}))
+    replay(load_params(PARAMS_FILE), CUT, "week")
+    migrate = subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"], capture_output=True, text=True, timeout=300
+    )
+    assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
+    return {"bag": bag, "dag": bag.get_dag(DAG_ID)}
+
+
+def run_interval(dag: Any, day: str, **overrides: Any) -> tuple[Any, dict[str, str]]:
+    """``dag.test()`` for the daily interval that starts on ``day`` (logical date = the next midnight)."""
+    logical = Interval.parse(day).end
+    run = dag.test(logical_date=logical, run_conf={"overrides": overrides})
+    return run, {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+
+
+def tracking() -> Any:
+    """A client of the SQLite MLflow store the DAG's tasks use (``mlflow.store_dir`` of the test's params)."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking.store import embedded_uri
+
+    uri = embedded_uri(WORLD / "mlflow")
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def champion() -> Any:
+    return tracking().get_model_version_by_alias("hymoerec-custom", "champion")
+
+
+@pytest.fixture(scope="module")
+def first_run(world: dict[str, Any]) -> dict[str, Any]:
+    before = count_events(WORLD / "store")
+    run, states = run_interval(world["dag"], "2021-02-15")
+    return {"dag": world["dag"], "run": run, "states": states, "before": before, "store": read_store(WORLD / "store")}
+
+
+# ----------------------------------------------------------------------------------------------- structure
+def test_dagbag_has_no_import_errors(world: dict[str, Any]) -> None:
+    assert world["bag"].import_errors == {}
+    assert DAG_ID in world["bag"].dag_ids
+
+
+def test_task_graph_is_as_designed(world: dict[str, Any]) -> None:
+    dag = world["dag"]
+    assert [t.task_id for t in dag.topological_sort()] == CHAIN
+    for upstream, downstream in zip(CHAIN, CHAIN[1:], strict=False):
+        assert upstream in dag.get_task(downstream).upstream_task_ids
+    assert dag.get_task("enough_new_events").upstream_task_ids == {"validate", "merge"}
+    assert type(dag.get_task("enough_new_events")).__name__ == "_ShortCircuitDecoratedOperator"
+    store = (WORLD / "store").resolve().as_uri()
+    assert [(a.name, a.uri) for a in dag.get_task("merge").outlets] == [(store, store)]
+    assert dag.catchup is False and dag.max_active_runs == 1
+    assert dag.timetable.expression == "0 0 * * *"  # @daily from params.yaml, as a data-interval timetable
+    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
+    train = dag.get_task("train")
+    assert (train.retries, train.retry_exponential_backoff) == (0, 2.0)  # retries from the test's params file
+
+
+def test_parsing_the_dag_file_stays_light() -> None:
+    code = (
+        "import runpy, sys; runpy.run_path(sys.argv[1]); "
+        "heavy = [m for m in ('torch', 'mlflow', 'pandas', 'pipeline') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(REPO_ROOT / "dags" / "retrain.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **AIRFLOW_ENV, "HYMOE_PARAMS": str(REPO_ROOT / "params.yaml")},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------- dag.test runs
+def test_first_interval_trains_and_registers_a_champion(first_run: dict[str, Any]) -> None:
+    assert str(first_run["run"].state) == "success", first_run["states"]
+    assert first_run["states"] == {task: "success" for task in CHAIN}
+    arrived = len(pd.read_csv(WORLD / "inbox" / "2021-02-15.csv"))
+    assert first_run["store"].num_rows == first_run["before"] + arrived
+    version = champion()
+    assert str(version.version) == "1"
+    metrics = json.loads((run_dir("2021-02-15") / "reports" / "metrics.json").read_text())
+    assert float(version.tags["test_ndcg_at_10"]) == pytest.approx(metrics["test"]["ndcg@10"])
+
+
+def test_interval_without_logs_skips_training_and_keeps_the_champion(first_run: dict[str, Any]) -> None:
+    before = champion().version
+    run, states = run_interval(first_run["dag"], "2021-02-16")
+    assert str(run.state) == "success"
+    assert {t: states[t] for t in CHAIN[:4]} == {t: "success" for t in CHAIN[:4]}
+    assert {t: states[t] for t in TRAINING} == {t: "skipped" for t in TRAINING}
+    assert champion().version == before
+    assert read_store(WORLD / "store").equals(first_run["store"])
+
+
+def test_malformed_log_file_is_quarantined_and_its_good_rows_kept(first_run: dict[str, Any]) -> None:
+    before = champion().version
+    good = [(f"u{i}", str(1 + i % 9), int(datetime(2021, 2, 17, 12, tzinfo=UTC).timestamp()) + i) for i in range(60)]
+    lines = ["user_id,item_id,timestamp", *(f"{u},{i},{t}" for u, i, t in good), "u1,,1613563200", "u2,3,soon"]
+    (WORLD / "inbox" / "2021-02-17-shipper2.csv").write_text("\n".join(lines) + "\n")
+    run, states = run_interval(first_run["dag"], "2021-02-17", **{"retrain.min_new_events": 1000})  # ingest only: quick
+    assert str(run.state) == "success"
+    assert states["merge"] == "success" and states["train"] == "skipped"
+    quarantine = pd.read_csv(run_dir("2021-02-17") / "ingest" / "quarantine.csv")
+    assert sorted(zip(quarantine["line"], quarantine["reason"], strict=True)) == [
+        (62, "missing item_id"),
+        (63, "bad timestamp"),
+    ]
+    assert quarantine["source"].str.endswith("/inbox/2021-02-17-shipper2.csv").all()  # the inbox file, not the copy
+    stored = read_store(WORLD / "store").to_pandas()
+    assert set(good) <= set(zip(stored["user_id"], stored["item_id"], stored["timestamp"], strict=True))
+    assert champion().version == before
+
+
+def test_too_many_bad_rows_fail_the_interval_clearly(first_run: dict[str, Any]) -> None:
+    before, events = champion().version, count_events(WORLD / "store")
+    (WORLD / "inbox" / "2021-02-18.csv").write_text("user_id,item_id,timestamp\nu1,2,1613650000\nu1,,x\n,,\n")
+    run, states = run_interval(first_run["dag"], "2021-02-18")
+    assert str(run.state) == "failed"
+    assert states["validate"] == "failed" and states["merge"] == "upstream_failed"
+    assert len(pd.read_csv(run_dir("2021-02-18") / "ingest" / "quarantine.csv")) == 2
+    assert champion().version == before and count_events(WORLD / "store") == events
+
+
+def test_rerunning_an_interval_adds_no_event_twice_and_warm_starts(first_run: dict[str, Any]) -> None:
+    store_before = read_store(WORLD / "store")
+    run, states = run_interval(first_run["dag"], "2021-02-15")
+    assert str(run.state) == "success" and states == {task: "success" for task in CHAIN}
+    assert read_store(WORLD / "store").equals(store_before)
+    merged = json.loads((run_dir("2021-02-15") / "ingest" / "merge.json").read_text())
+    assert merged["added"] == 0 and merged["duplicates"] > 0
+    pointer = json.loads((run_dir("2021-02-15") / "models" / "mlflow_run.json").read_text())
+    warm = tracking().get_run(pointer["run_id"]).data.params["train.warm_start_from"]
+    assert warm.startswith(str(run_dir("2021-02-15") / "champion"))  # started from the champion's files
+    assert Path(warm, "model.pt").is_file()
+
+
+def test_failing_train_task_leaves_the_champion_unchanged(first_run: dict[str, Any]) -> None:
+    before = champion()
+    missing = WORLD / "no-such-model"
+    run, states = run_interval(first_run["dag"], "2021-02-22", **{"train.warm_start_from": str(missing)})
+    assert str(run.state) == "failed"
+    assert states["preprocess"] == "success" and states["train"] == "failed"
+    assert states["evaluate"] == states["register"] == "upstream_failed"
+    after = champion()
+    assert (after.version, after.run_id) == (before.version, before.run_id)
+
+
+# ----------------------------------------------------------------------------------------------- the real thing
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def api(port: int, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.loads(reply.read() or b"null")
+
+
+def wait_for(what: str, check: Any, timeout_s: float, launcher: subprocess.Popen, log: Path) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if launcher.poll() is not None:
+            raise AssertionError(f"the Airflow launcher exited ({launcher.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            value = check()
+            if value:
+                return value
+        except (urllib.error.URLError, OSError, KeyError):
+            pass
+        time.sleep(2.0)
+    raise AssertionError(f"{what} did not happen within {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_scheduler_runs_a_dag_run_triggered_over_the_rest_api(tmp_path: Path) -> None:
+    """``python -m pipeline.airflow_local`` (what ``make airflow`` runs): trigger over REST v2, wait for success."""
+    import psutil
+    from mlflow import MlflowClient
+
+    params_file = write_params(
+        tmp_path / "params.yaml", tiny_retrain(tmp_path, **{"mlflow.enabled": True, "retrain.schedule": None})
+    )
+    replay(load_params(params_file), CUT, "week")
+    port, home = free_port(), tmp_path / "airflow_home"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(HYMOE_PARAMS=str(params_file), MLFLOW_TRACKING_URI=tracking_uri)
+    log = tmp_path / "launcher.out"
+    with open(log, "wb") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.airflow_local", "--home", str(home), "--port", str(port)]
+            + ["--no-triggerer", "--ready-timeout", "240", "--stop-timeout", "30"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the teardown can end everything it started
+        )
+    try:
+        wait_for("the banner", lambda: "Airflow is up" in log.read_text(), 300, launcher, log)
+        password = json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
+        token = api(port, "POST", "/auth/token", {"username": "admin", "password": password})["access_token"]
+        wait_for(
+            "the DAG to be parsed", lambda: api(port, "GET", f"/api/v2/dags/{DAG_ID}", token=token), 180, launcher, log
+        )
+        listening = [
+            c.laddr.ip
+            for p in [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+            for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
+        assert listening and set(listening) == {"127.0.0.1"}, listening
+        body = {
+            "logical_date": "2021-02-16T00:00:00Z",
+            "data_interval_start": "2021-02-15T00:00:00Z",
+            "data_interval_end": "2021-02-16T00:00:00Z",
+            "conf": {"overrides": {}},
+        }
+        run_id = api(port, "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", body, token)["dag_run_id"]
+        path = f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}"
+
+        def finished() -> str | None:
+            state = api(port, "GET", path, token=token)["state"]
+            return state if state in ("success", "failed") else None
+
+        state = wait_for("the DAG run to finish", finished, 360, launcher, log)
+        tasks = api(port, "GET", f"{path}/taskInstances", token=token)["task_instances"]
+        assert state == "success", [(t["task_id"], t["state"]) for t in tasks]
+        assert {t["task_id"]: t["state"] for t in tasks} == {task: "success" for task in CHAIN}
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        assert str(client.get_model_version_by_alias("hymoerec-custom", "champion").version) == "1"
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                launcher.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)  # anything of its group still alive (normally nothing)
