@@ -46,6 +46,7 @@ class CustomSourceParams:
     event_col: str | None = None
     event_types: list[str] | None = None
     csv_delimiter: str = ","
+    until: int | None = None
 
 
 @dataclass

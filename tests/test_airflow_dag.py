@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -212,6 +213,10 @@ def test_rerunning_an_interval_adds_no_event_twice_and_warm_starts(first_run: di
     assert read_store(WORLD / "store").equals(store_before)
     merged = json.loads((run_dir("2021-02-15") / "ingest" / "merge.json").read_text())
     assert merged["added"] == 0 and merged["duplicates"] > 0
+    # later days are already in the store, but this interval trains only on events before its end
+    until = json.loads((run_dir("2021-02-15") / "interim" / "manifest.json").read_text())["source"]["until"]
+    used = pq.read_table(run_dir("2021-02-15") / "interim" / "interactions.parquet")["timestamp"].to_numpy()
+    assert used.max() < until <= read_store(WORLD / "store")["timestamp"].to_numpy().max()
     pointer = json.loads((run_dir("2021-02-15") / "models" / "mlflow_run.json").read_text())
     warm = tracking().get_run(pointer["run_id"]).data.params["train.warm_start_from"]
     assert warm.startswith(str(run_dir("2021-02-15") / "champion"))  # started from the champion's files

@@ -317,6 +317,20 @@ def test_warm_start_loads_weights_only_for_the_same_catalogue_and_architecture(t
     with pytest.raises(FileNotFoundError, match="warm_start_from"):
         warm_start(model, tmp_path / "missing", params.model, item_map)
 
+    # a warm-started run continues the MoE warm-up w(t) from the source's step instead of fading experts in again
+    source_step = int(saved["train_step"])
+    assert source_step > 0
+    continued = load_params(
+        REPO_ROOT / "params.yaml",
+        tiny_retrain(
+            tmp_path / "a",
+            **{"train.warm_start_from": str(source.model.parent), "train.model_dir": str(tmp_path / "warm")},
+        ),
+    )
+    train(continued)
+    steps_per_epoch = int(pd.read_csv(source.log)["step"].iloc[0])  # same data and batch size in both runs
+    assert int(pd.read_csv(TrainOutputs.under(tmp_path / "warm").log)["step"].iloc[0]) == source_step + steps_per_epoch
+
     warm = load_params(
         REPO_ROOT / "params.yaml",
         tiny_retrain(

@@ -427,3 +427,17 @@ def test_models_deepcopy_and_state_dict_roundtrip() -> None:
     ids = random_batch(num_items=20)
     torch.testing.assert_close(model.score_next(ids), clone.score_next(ids))
     assert "train_step" in model.state_dict()
+
+
+def test_scores_stay_float32_under_bf16_autocast() -> None:
+    """bf16 scores would turn near-equal items into exact ties and bias the tie-aware metrics."""
+    from pipeline.model.base import score_items
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 16, generator=generator)
+    table = torch.randn(51, 16, generator=generator)
+    plain = score_items(hidden, table, 50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = score_items(hidden, table, 50)
+    assert autocast.dtype == torch.float32
+    assert torch.equal(plain, autocast)

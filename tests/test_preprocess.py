@@ -390,3 +390,17 @@ def test_real_dataset_statistics(
     assert (stats["users"], stats["items"], stats["events"]) == expected
     assert stats["split"]["test_users"] == expected[0]
     assert stats["split"]["train_events"] == expected[2] - 2 * expected[0]
+
+
+def test_global_time_split_refuses_data_without_timestamps(tmp_path: Path) -> None:
+    """Sequence-format copies use line order as time: cutting that by quantiles would cut by user, not by time."""
+    rows = [(u, i, u * 10 + i) for u in range(1, 7) for i in range(1, 7)]
+    interim = tmp_path / "interim"
+    interim.mkdir()
+    (interim / "manifest.json").write_text(json.dumps({"has_timestamps": False}))
+    pq.write_table(table(rows), DownloadOutputs.under(interim).interactions)
+    params = loose(split="global_time", processed_dir=str(tmp_path / "processed"))
+    with pytest.raises(BadInputError, match="needs real timestamps"):
+        preprocess(params, interim)
+    (interim / "manifest.json").write_text(json.dumps({"has_timestamps": True}))
+    assert preprocess(params, interim).train.exists()

@@ -228,3 +228,14 @@ def test_bucket_helpers() -> None:
     popularity = np.array([0, 50, 30, 10, 5, 5, 0])  # item 1 alone is a third of all interactions
     # cumulative share before each item: 0, .5, .8, .9, .95 -> head, mid, tail, tail, tail; unseen item -> tail
     assert popularity_buckets(popularity)[1:].tolist() == [0, 1, 2, 2, 2, 2]
+
+
+def test_empty_bucket_is_reported_not_crashed() -> None:
+    from pipeline.evaluation.evaluate import bucket_metrics
+
+    lengths = np.array([3, 3, 3, 3, 3, 9])  # both tertile cuts are 3: the middle bucket is empty
+    per_user = {"ndcg@10": np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])}
+    buckets = bucket_metrics(per_user, length_buckets(lengths), ("short", "medium", "long"))
+    assert buckets["medium"] == {"users": 0}
+    assert buckets["short"]["users"] == 5 and buckets["short"]["ndcg@10"] == pytest.approx(0.3)
+    assert buckets["long"] == {"users": 1, "ndcg@10": pytest.approx(0.6)}

@@ -200,8 +200,14 @@ def _custom(data: DataParams) -> tuple[ReadResult, dict[str, Any]]:
         event_col=custom.event_col,
         event_types=custom.event_types,
     )
+    if custom.until is not None:
+        # e.g. a retraining interval: events merged later (by later intervals) must not leak into this one
+        later = result.events["timestamp"] >= custom.until
+        log.info("kept %d events before %d; left out %d later ones", (~later).sum(), custom.until, later.sum())
+        result.events = result.events[~later].reset_index(drop=True)
     files = [_file_record(p, None) for p in resolve_files(custom.path)]
-    return result, {"kind": "custom", "layout": custom.format, "complete": True, "files": files}
+    source = {"kind": "custom", "layout": custom.format, "complete": True, "files": files, "until": custom.until}
+    return result, source
 
 
 def _synthetic(data: DataParams) -> tuple[ReadResult, dict[str, Any]]:

@@ -17,6 +17,7 @@ Steps, all vectorised over the event arrays (numpy / pyarrow, no Python loop per
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,15 @@ class Events:
 
 def preprocess(params: PreprocessParams, interim_dir: str | Path) -> PreprocessOutputs:
     """Run the stage: read ``interactions.parquet`` from ``interim_dir``, write the splits to ``processed_dir``."""
-    source = DownloadOutputs.under(interim_dir).interactions
+    inputs = DownloadOutputs.under(interim_dir)
+    source = inputs.interactions
+    timed = not inputs.manifest.exists() or json.loads(inputs.manifest.read_text()).get("has_timestamps", True)
+    if params.split == "global_time" and not timed:
+        raise BadInputError(
+            "preprocess.split=global_time needs real timestamps, but this copy of the data has none (its line "
+            "order stands in for time, so time quantiles would cut by user); use leave_one_out or a source with "
+            "timestamps (e.g. data.beauty_source=ticoserec)"
+        )
     if not source.exists():
         raise FileNotFoundError(f"{source} not found: run the download stage first (`python -m pipeline download`)")
     events = prepare_events(pq.read_table(source), params)

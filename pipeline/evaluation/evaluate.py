@@ -70,8 +70,8 @@ def evaluate(params: Params) -> EvaluateOutputs:
     train_table = pq.read_table(splits.train)
     popularity = item_popularity(train_table, model.num_items)
     test_table = pq.read_table(splits.test)
-    test = eval_split(test_table, params.model.max_seq_len)
-    valid = eval_split(pq.read_table(splits.valid), params.model.max_seq_len)
+    test = eval_split(test_table, model.max_seq_len)  # the length it was trained with, whatever params say now
+    valid = eval_split(pq.read_table(splits.valid), model.max_seq_len)
 
     def rank(split: EvalSplit) -> dict[str, np.ndarray]:
         return rank_split(
@@ -160,7 +160,9 @@ def bucket_metrics(per_user: dict[str, np.ndarray], bucket: np.ndarray, names: t
     result = {}
     for index, name in enumerate(names):
         mask = bucket == index
-        result[name] = {"users": int(mask.sum()), **summarise({k: v[mask] for k, v in per_user.items()})}
+        # a bucket can be empty (e.g. most users share one history length, so two tertile cuts coincide)
+        means = summarise({k: v[mask] for k, v in per_user.items()}) if mask.any() else {}
+        result[name] = {"users": int(mask.sum()), **means}
     return result
 
 

@@ -61,7 +61,7 @@ def bucket_bars(metrics: dict[str, Any], out: Path) -> None:
         names = list(buckets)
         x = np.arange(len(names))
         for offset, metric in ((-0.2, "hr@10"), (0.2, "ndcg@10")):
-            ax.bar(x + offset, [buckets[n][metric] for n in names], width=0.4, label=metric.upper())
+            ax.bar(x + offset, [buckets[n].get(metric, 0.0) for n in names], width=0.4, label=metric.upper())
         ax.set_xticks(x, [f"{n}\n(n={buckets[n]['users']})" for n in names])
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)

@@ -101,6 +101,7 @@ def training_overrides(params: Params, interval: Interval) -> dict[str, Any]:
             "item_col": "item_id",
             "timestamp_col": "timestamp",
             "rating_col": "rating",
+            "until": int(interval.end.timestamp()),  # re-running an old interval never sees later days
         },
         "data.interim_dir": str(root / "interim"),
         "preprocess.processed_dir": str(root / "processed"),

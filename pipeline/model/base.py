@@ -180,7 +180,9 @@ def next_item_ce(
 
 def score_items(hidden: Tensor, item_weight: Tensor, num_items: int) -> Tensor:
     """Scores ``[B, num_items + 1]`` against items 0..num_items, padding column set to -inf."""
-    scores = F.linear(hidden, item_weight[: num_items + 1]).float()
+    # float32 with autocast off: bf16 scores (3 significant digits) would turn near-equal scores into exact ties
+    with torch.autocast(hidden.device.type, enabled=False):
+        scores = F.linear(hidden.float(), item_weight[: num_items + 1].float())
     scores[:, 0] = -math.inf
     return scores
 

@@ -98,7 +98,11 @@ def run_fingerprint(params: Params) -> str:
     splits = PreprocessOutputs.under(params.preprocess.processed_dir)
     payload = {
         "model": dataclasses.asdict(params.model),
-        "train": {k: v for k, v in dataclasses.asdict(params.train).items() if k not in ("resume", "device")},
+        "train": {
+            k: v
+            for k, v in dataclasses.asdict(params.train).items()
+            if k not in ("resume", "device", "eval_batch_size", "model_dir")
+        },
         "data": [file_digest(path) if path.exists() else "" for path in (splits.train, splits.valid)],
         "exclude_seen": params.evaluate.exclude_seen,  # changes the validation metric, hence model selection
     }
@@ -146,8 +150,12 @@ def _train(params: Params, run: RunLogger) -> TrainOutputs:
         loaded = _load_checkpoint(outputs.checkpoint, fingerprint, model, optimizer, scheduler, generator)
         if loaded is not None:
             state, best_weights = loaded
-    if state.epoch == 0 and cfg.warm_start_from:
-        warm_start(model, cfg.warm_start_from, params.model, splits.item_map)
+    if (
+        state.epoch == 0
+        and cfg.warm_start_from
+        and warm_start(model, cfg.warm_start_from, params.model, splits.item_map)
+    ):
+        state.step = int(model.train_step)  # the loaded step: the MoE warm-up w(t) continues, it does not restart
     log.info(
         "training %s (%s, MoE %s) on %d sequences, %d items, device %s%s; %d parameters",
         params.model.kind,
