@@ -48,6 +48,13 @@ class CustomSourceParams:
     csv_delimiter: str = ","
     until: int | None = None
 
+    def columns(self) -> dict[str, str]:
+        """Canonical column -> this source's column name (``rating`` only when a rating column is configured)."""
+        columns = {"user_id": self.user_col, "item_id": self.item_col, "timestamp": self.timestamp_col}
+        if self.rating_col:
+            columns["rating"] = self.rating_col
+        return columns
+
 
 @dataclass
 class SyntheticParams:

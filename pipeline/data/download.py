@@ -29,7 +29,7 @@ from pipeline.data.quarantine import (
 from pipeline.data.readers import read_custom, resolve_files
 from pipeline.data.registry import DatasetSpec, Layout, get_spec
 from pipeline.io import file_digest, write_json_atomic, write_parquet_atomic
-from pipeline.params import MIRROR_ENV, DataParams
+from pipeline.params import MIRROR_ENV, CustomSourceParams, DataParams
 
 log = logging.getLogger(__name__)
 
@@ -187,19 +187,21 @@ def _file_record(path: Path, checksum: str | None, sha256: str | None = None) ->
     return record
 
 
-def _custom(data: DataParams) -> tuple[ReadResult, dict[str, Any]]:
-    custom = data.custom
-    columns = {"user_id": custom.user_col, "item_id": custom.item_col, "timestamp": custom.timestamp_col}
-    if custom.rating_col:
-        columns["rating"] = custom.rating_col
-    result = read_custom(
-        custom.path,
-        columns,
+def read_custom_source(custom: CustomSourceParams, path: str | None = None) -> ReadResult:
+    """Read ``path`` (default ``data.custom.path``) with the column mapping and event filter of ``data.custom``."""
+    return read_custom(
+        path or custom.path,
+        custom.columns(),
         fmt=custom.format,
         delimiter=custom.csv_delimiter,
         event_col=custom.event_col,
         event_types=custom.event_types,
     )
+
+
+def _custom(data: DataParams) -> tuple[ReadResult, dict[str, Any]]:
+    custom = data.custom
+    result = read_custom_source(custom)
     if custom.until is not None:
         # e.g. a retraining interval: events merged later (by later intervals) must not leak into this one
         later = result.events["timestamp"] >= custom.until

@@ -30,7 +30,7 @@ from pipeline.model import SequentialRecommender
 from pipeline.params import Params
 from pipeline.tracking.runs import log_evaluation
 from pipeline.training.data import EvalSplit, eval_split, history_lengths, item_popularity
-from pipeline.training.train import TrainOutputs, load_trained_model, pick_device
+from pipeline.training.train import TrainOutputs, autocast_dtype, load_trained_model, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def evaluate(params: Params) -> EvaluateOutputs:
     cfg = params.evaluate
     outputs = EvaluateOutputs.under(cfg.report_dir)
     device = pick_device(params.train.device)
-    amp_dtype = torch.bfloat16 if (params.train.amp and device.type == "cuda") else None
+    amp_dtype = autocast_dtype(params.train.amp, device)
     splits = PreprocessOutputs.under(params.preprocess.processed_dir)
     model = load_trained_model(params.train.model_dir, device)
     train_table = pq.read_table(splits.train)

@@ -96,9 +96,7 @@ def _write_log(
     fs: fsspec.AbstractFileSystem, root: str, day: date, events: pd.DataFrame, custom: CustomSourceParams
 ) -> str:
     """Write one period's events as the log format of ``data.custom``; returns the file's path."""
-    columns = {"user_id": custom.user_col, "item_id": custom.item_col, "timestamp": custom.timestamp_col}
-    if custom.rating_col and "rating" in events:
-        columns["rating"] = custom.rating_col
+    columns = {canonical: name for canonical, name in custom.columns().items() if canonical in events}
     frame = events[list(columns)].rename(columns=columns)
     fmt = "csv" if custom.format == "auto" else custom.format
     buffer = io.BytesIO()

@@ -1,6 +1,6 @@
 """Validate one interval's log files: the download stage's readers and quarantine, plus checks only fresh logs need.
 
-Each file goes through :func:`pipeline.data.readers.read_custom` with the ``data.custom`` column mapping, which
+Each file goes through :func:`pipeline.data.download.read_custom_source` with the ``data.custom`` column mapping, which
 quarantines rows with a missing or mistyped field or an unparsable / negative timestamp (file, line, reason, raw
 text). Two checks follow on the parsed events:
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.data.download import read_custom_source
 from pipeline.data.quarantine import bad_rows_frame, empty_bad_rows, enforce_bad_fraction, write_quarantine
-from pipeline.data.readers import read_custom
 from pipeline.ingest.store import KEY, store_table
 from pipeline.io import write_json_atomic, write_parquet_atomic
 from pipeline.params import CustomSourceParams
@@ -75,19 +75,9 @@ def validate_logs(
     outputs = BatchOutputs.under(out_dir)
     outputs.batch.unlink(missing_ok=True)  # a failed attempt must not leave an earlier attempt's batch behind
     now = time.time() if now is None else now
-    columns = {"user_id": custom.user_col, "item_id": custom.item_col, "timestamp": custom.timestamp_col}
-    if custom.rating_col:
-        columns["rating"] = custom.rating_col
     events, malformed, total = [], [empty_bad_rows()], 0
     for path in sorted(map(str, files)):
-        result = read_custom(
-            path,
-            columns,
-            fmt=custom.format,
-            delimiter=custom.csv_delimiter,
-            event_col=custom.event_col,
-            event_types=custom.event_types,
-        )
+        result = read_custom_source(custom, path)
         total += result.total_rows
         malformed.append(result.bad_rows)
         future = result.events["timestamp"] > now + FUTURE_SLACK_S

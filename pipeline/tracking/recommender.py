@@ -22,6 +22,7 @@ import torch
 from pipeline.model import SequentialRecommender, build_model
 from pipeline.model.config import ModelConfig
 from pipeline.params import from_dict
+from pipeline.training.data import gather_windows
 
 DEFAULT_K = 10
 CHUNK = 512  # histories scored per forward pass
@@ -80,10 +81,9 @@ class Recommender:
         rows = [r for r, e in enumerate(encoded) if e]
         for start in range(0, len(rows), CHUNK):
             chunk = rows[start : start + CHUNK]
-            inputs = np.zeros((len(chunk), self.max_seq_len), dtype=np.int64)
-            for j, r in enumerate(chunk):
-                recent = encoded[r][-self.max_seq_len :]
-                inputs[j, self.max_seq_len - len(recent) :] = recent
+            ends = np.cumsum([len(encoded[r]) for r in chunk])
+            flat = np.concatenate([encoded[r] for r in chunk]).astype(np.int64)
+            inputs = gather_windows(flat, ends - np.diff(ends, prepend=0), ends, self.max_seq_len)  # left-padded
             logits = self.model.score_next(torch.from_numpy(inputs)).float()  # column 0 (padding) is -inf
             if exclude:
                 for j, r in enumerate(chunk):

@@ -174,12 +174,11 @@ def rescore(recommender: Any, params: Params) -> float:
     Histories and targets go through raw ids into the recommender's own ids; history items it does not know are
     dropped, and a user whose target it does not know counts as a miss (every test user weighs the same).
     """
-    import torch
 
     from pipeline.data.preprocess import PreprocessOutputs
     from pipeline.evaluation.ranking import rank_split
     from pipeline.training.data import eval_split, list_parts
-    from pipeline.training.train import pick_device
+    from pipeline.training.train import autocast_dtype, pick_device
 
     processed = PreprocessOutputs.under(params.preprocess.processed_dir)
     test = pq.read_table(processed.test)
@@ -208,7 +207,7 @@ def rescore(recommender: Any, params: Params) -> float:
         exclude_seen=params.evaluate.exclude_seen,
         batch_size=params.train.eval_batch_size,
         device=device,
-        amp_dtype=torch.bfloat16 if (params.train.amp and device.type == "cuda") else None,  # as evaluate does
+        amp_dtype=autocast_dtype(params.train.amp, device),  # as evaluate does
     )
     return float(np.sum(per_user["ndcg@10"])) / test.num_rows
 

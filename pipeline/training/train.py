@@ -87,6 +87,11 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def autocast_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA when ``train.amp`` is on; None (full float32) on CPU."""
+    return torch.bfloat16 if (amp and device.type == "cuda") else None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -126,7 +131,7 @@ def _train(params: Params, run: RunLogger) -> TrainOutputs:
     processed = params.preprocess.processed_dir
     outputs = TrainOutputs.under(cfg.model_dir)
     device = pick_device(cfg.device)
-    amp_dtype = torch.bfloat16 if (cfg.amp and device.type == "cuda") else None
+    amp_dtype = autocast_dtype(cfg.amp, device)
     rank, world = _distributed()
 
     splits = PreprocessOutputs.under(processed)
