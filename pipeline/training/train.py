@@ -122,11 +122,12 @@ def train(params: Params) -> TrainOutputs:
     """
     rank, _ = _distributed()
     device = str(pick_device(params.train.device))
-    with RunLogger.for_training(params, run_fingerprint(params), device, rank=rank) as run:
-        return _train(params, run)
+    fingerprint = run_fingerprint(params)
+    with RunLogger.for_training(params, fingerprint, device, rank=rank) as run:
+        return _train(params, run, fingerprint)
 
 
-def _train(params: Params, run: RunLogger) -> TrainOutputs:
+def _train(params: Params, run: RunLogger, fingerprint: str) -> TrainOutputs:
     cfg = params.train
     processed = params.preprocess.processed_dir
     outputs = TrainOutputs.under(cfg.model_dir)
@@ -149,7 +150,6 @@ def _train(params: Params, run: RunLogger) -> TrainOutputs:
     steps_per_epoch = math.ceil(len(sequences.inputs) / world / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch * cfg.epochs))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    fingerprint = run_fingerprint(params)
     state, best_weights = TrainState(), None
     if cfg.resume and outputs.checkpoint.exists():
         loaded = _load_checkpoint(outputs.checkpoint, fingerprint, model, optimizer, scheduler, generator)
