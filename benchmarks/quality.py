@@ -90,6 +90,18 @@ def table(out: Path) -> str:
         epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']})" for r in results)
         seconds = statistics.mean(r["epoch_seconds"] for r in results)
         lines.append(f"| {model} | {len(results)} | " + " | ".join(cells) + f" | {epochs} | {seconds:.1f} |")
+    lines += ["", "Test NDCG@10 by bucket (mean ± std over seeds):", ""]
+    groups = (("by_popularity", ("head", "mid", "tail")), ("by_history", ("short", "medium", "long")))
+    lines.append("| model | " + " | ".join(f"{b} ({k[3:]})" for k, names in groups for b in names) + " |")
+    lines.append("|---" * 7 + "|")
+    for model, results in rows.items():
+        cells = []
+        for key, names in groups:
+            for name in names:
+                values = [r[key][name].get("ndcg@10", float("nan")) for r in results]
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                cells.append(f"{statistics.mean(values):.4f} ± {std:.4f}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

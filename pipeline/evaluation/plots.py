@@ -24,30 +24,28 @@ def training_curves(log_path: Path, out: Path) -> None:
     from pipeline.evaluation.evaluate import read_log
 
     rows = read_log(log_path)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     if rows:
         epoch = [r["epoch"] for r in rows]
-        axes[0].plot(epoch, [r["ce_loss"] for r in rows], label="next-item CE")
-        axes[0].set_title("training loss")
-        lb = [r.get("lb_loss", 0.0) for r in rows]
-        if any(lb):
-            twin = axes[0].twinx()
-            twin.plot(epoch, lb, color="tab:orange", label="load-balance")
-            twin.set_ylabel("load-balance loss", color="tab:orange")
-        axes[1].plot(epoch, [r["valid_hr@10"] for r in rows], label="HR@10")
-        axes[1].plot(epoch, [r["valid_ndcg@10"] for r in rows], label="NDCG@10")
-        axes[1].set_title("validation (full ranking)")
-        axes[1].legend()
+        axes[0].plot(epoch, [r["ce_loss"] for r in rows])
+        axes[0].set_title("next-item cross-entropy")
+        axes[1].plot(epoch, [r.get("lb_loss", 0.0) for r in rows], color="tab:orange")
+        axes[1].set_title("load-balance loss")
+        axes[2].plot(epoch, [r["valid_hr@10"] for r in rows], label="HR@10")
+        axes[2].plot(epoch, [r["valid_ndcg@10"] for r in rows], label="NDCG@10")
+        axes[2].set_title("validation (full ranking)")
+        axes[2].legend()
         entropy = [r.get("usage_entropy", float("nan")) for r in rows]
         if not np.all(np.isnan(entropy)):
-            axes[2].plot(epoch, entropy, label="expert-usage entropy (normalised)")
-            axes[2].plot(epoch, [r.get("alpha", float("nan")) for r in rows], label="alpha")
-            axes[2].set_ylim(0, 1.05)
-            axes[2].legend()
-        axes[2].set_title("MoE routing")
+            axes[3].plot(epoch, entropy, label="expert-usage entropy (normalised)")
+            axes[3].plot(epoch, [r.get("alpha", float("nan")) for r in rows], label="alpha")
+            axes[3].set_ylim(0, 1.05)
+            axes[3].legend()
+        axes[3].set_title("MoE routing")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+    fig.tight_layout()
     _save(fig, out)
 
 
