@@ -13,6 +13,18 @@ from pipeline.params import MIRROR_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# a model small enough that an epoch on tiny synthetic data takes well under a second on two CPU cores
+TINY_MODEL = {
+    "model.hidden_size": 16,
+    "model.num_layers": 1,
+    "model.num_heads": 1,
+    "model.ffn_hidden": 32,
+    "model.moe.dense_hidden": 32,
+    "model.moe.expert_hidden": 16,
+    "model.moe.num_experts": 4,
+    "model.moe.warmup_steps": 10,
+}
+
 
 def mirror_dir() -> Path | None:
     """The offline dataset copies: ``$HYMOE_DATA_MIRROR`` if set, else ``<repo>/../shared/datasets``."""

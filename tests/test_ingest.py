@@ -28,7 +28,7 @@ from pipeline.ingest.validate import DUPLICATE_REASON, FUTURE_REASON, BatchOutpu
 from pipeline.model import build_model
 from pipeline.params import CustomSourceParams, Params, load_params
 from pipeline.training.train import TrainOutputs, train, warm_start
-from tests.conftest import REPO_ROOT, write_text
+from tests.conftest import REPO_ROOT, TINY_MODEL, write_text
 
 torch.set_num_threads(1)
 
@@ -60,15 +60,8 @@ def tiny_retrain(root: Path, **extra: Any) -> dict[str, Any]:
         "data.synthetic.n_categories": 4,
         "data.interim_dir": str(root / "interim"),
         "preprocess.processed_dir": str(root / "processed"),
-        "model.hidden_size": 16,
-        "model.num_layers": 1,
-        "model.num_heads": 1,
+        **TINY_MODEL,
         "model.max_seq_len": 10,
-        "model.ffn_hidden": 32,
-        "model.moe.dense_hidden": 32,
-        "model.moe.expert_hidden": 16,
-        "model.moe.num_experts": 4,
-        "model.moe.warmup_steps": 10,
         "train.model_dir": str(root / "models"),
         "train.epochs": 1,
         "train.batch_size": 64,

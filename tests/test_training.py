@@ -23,7 +23,7 @@ from pipeline.evaluation.evaluate import EvaluateOutputs, evaluate, length_bucke
 from pipeline.params import Params, load_params
 from pipeline.training.data import training_sequences
 from pipeline.training.train import TrainOutputs, train
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, TINY_MODEL
 
 
 def tiny_overrides(root: Path, **extra: Any) -> dict[str, Any]:
@@ -36,15 +36,8 @@ def tiny_overrides(root: Path, **extra: Any) -> dict[str, Any]:
         "data.synthetic.mean_events_per_user": 20.0,
         "data.synthetic.n_categories": 6,
         "preprocess.processed_dir": str(root / "processed"),
-        "model.hidden_size": 16,
-        "model.num_layers": 1,
-        "model.num_heads": 1,
+        **TINY_MODEL,
         "model.max_seq_len": 12,
-        "model.ffn_hidden": 32,
-        "model.moe.dense_hidden": 32,
-        "model.moe.expert_hidden": 16,
-        "model.moe.num_experts": 4,
-        "model.moe.warmup_steps": 10,
         "train.model_dir": str(root / "models"),
         "train.epochs": 4,
         "train.batch_size": 64,
