@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -106,6 +107,31 @@ def test_moe_paths_agree(dtype: torch.dtype, lb_type: str, num_tokens: int) -> N
         assert grads.keys() == ref[3].keys()
         for name in grads:
             torch.testing.assert_close(grads[name], ref[3][name], **tol, msg=f"{impl}: grad of {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_moe_expert_dropout(impl: str) -> None:
+    """Expert activations are dropped in training only; null takes the dense branch's rate."""
+    torch.manual_seed(2)
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=32, dense_hidden=8, router_input="hidden", warmup_steps=0)
+    layer = HybridMoE(8, replace(cfg, expert_dropout=0.5), dropout=0.1)
+    assert layer.expert_drop.p == 0.5
+    assert HybridMoE(8, replace(cfg, expert_dropout=None), dropout=0.3).expert_drop.p == 0.3
+    x = torch.randn(64, 8)
+    dense_only = layer.dense.eval()(x)
+    layer.eval()
+    experts_eval = layer(x, implementation=impl)[0] - dense_only
+    reference = layer(x, implementation="loop")[0] - dense_only
+    torch.testing.assert_close(experts_eval, reference)  # eval: no dropout, kernels agree
+    layer.train()
+    layer.dense.eval()  # isolate the expert branch
+    experts_train = layer(x, implementation=impl)[0] - dense_only
+    assert not torch.allclose(experts_train, experts_eval)
+    # inverted dropout keeps the expectation: the mean over many draws approaches the eval output
+    mean = torch.stack([layer(x, implementation=impl)[0] - dense_only for _ in range(2000)]).mean(0)
+    torch.testing.assert_close(mean, experts_eval, atol=0.1 * experts_eval.abs().max().item(), rtol=0.0)
+    with pytest.raises(ValueError, match="expert_dropout"):
+        replace(cfg, expert_dropout=1.0).validate()
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

@@ -29,6 +29,7 @@ class MoEConfig:
     warmup_schedule: str = "linear"  # (str) linear | cosine
     lb_weight: float = 0.01  # (float) lambda, weight of the load-balance loss (per layer, summed)
     lb_type: str = "entropy"  # (str) entropy (lambda * sum g log g) | switch (lambda * E * sum f * P)
+    expert_dropout: float | None = 0.0  # (float|null) dropout on expert FFN activations; null = model.dropout
     implementation: str = "auto"  # (str) auto | loop | dense | grouped: routing kernel, same result
 
     def validate(self) -> None:
@@ -47,6 +48,8 @@ class MoEConfig:
             raise ValueError(f"moe.warmup_schedule must be one of {WARMUP_SCHEDULES}, got {self.warmup_schedule!r}")
         if self.lb_weight < 0:
             raise ValueError(f"moe.lb_weight must be >= 0, got {self.lb_weight}")
+        if self.expert_dropout is not None and not 0.0 <= self.expert_dropout < 1.0:
+            raise ValueError(f"moe.expert_dropout must be in [0, 1) or null, got {self.expert_dropout}")
         if self.lb_type not in LB_TYPES:
             raise ValueError(f"moe.lb_type must be one of {LB_TYPES}, got {self.lb_type!r}")
         if self.implementation not in MOE_IMPLEMENTATIONS:

@@ -112,8 +112,9 @@ class HybridMoE(nn.Module):
     weights, a few thousand. Logits and softmax are always float32 (outside autocast): bf16 logits would flip
     near-tied top-K choices and the balance statistics need the precision.
 
-    Experts have no inner dropout (the block applies residual dropout to the whole output), so the three
-    kernels compute the same function, in training too; they differ only in summation order. With ``top_k=1``
+    Expert activations get their own dropout (``moe.expert_dropout``; null = the dense branch's rate). At 0 the
+    three kernels compute the same function in training too, differing only in summation order; above 0 each
+    kernel draws its own masks (same distribution), and in eval mode they agree again. With ``top_k=1``
     the renormalised gate is always 1 and the router learns from the balance loss alone.
     """
 
@@ -125,6 +126,7 @@ class HybridMoE(nn.Module):
         self.num_experts, self.top_k = E, cfg.top_k
         self.act = ACTIVATIONS[activation]
         self.dense = FeedForward(d_model, cfg.dense_hidden, dropout, activation)
+        self.expert_drop = nn.Dropout(dropout if cfg.expert_dropout is None else cfg.expert_dropout)
         n_sources = {"hidden": 1, "hidden_item": 2, "hidden_item_user": 3}[cfg.router_input]
         self.router = nn.Linear(n_sources * d_model, E, bias=False)
         self.w1 = nn.Parameter(torch.empty(E, d_model, h))
@@ -187,7 +189,8 @@ class HybridMoE(nn.Module):
         return MoEAux(self.cfg.lb_weight * lb, mean_probs, counts, alpha, top_i if return_topk else None)
 
     def _expert(self, e: int, x: Tensor) -> Tensor:
-        return torch.addmm(self.b2[e], self.act(torch.addmm(self.b1[e], x, self.w1[e])), self.w2[e])
+        hid = self.expert_drop(self.act(torch.addmm(self.b1[e], x, self.w1[e])))
+        return torch.addmm(self.b2[e], hid, self.w2[e])
 
     def _loop(self, x: Tensor, top_i: Tensor, gates: Tensor) -> Tensor:
         """Reference kernel: one gather / expert / ``index_add`` per expert that received tokens."""
@@ -208,7 +211,7 @@ class HybridMoE(nn.Module):
         N, d = x.shape
         E, _, h = self.w1.shape
         gate_mat = torch.zeros(N, E, dtype=gates.dtype, device=gates.device).scatter(1, top_i, gates)
-        hid = self.act(torch.addmm(self.b1.flatten(), x, self.w1.permute(1, 0, 2).reshape(d, E * h)))
+        hid = self.expert_drop(self.act(torch.addmm(self.b1.flatten(), x, self.w1.permute(1, 0, 2).reshape(d, E * h))))
         hid = (hid.view(N, E, h) * gate_mat.unsqueeze(-1).to(hid.dtype)).view(N, E * h)
         return torch.addmm(gate_mat.to(hid.dtype) @ self.b2.to(hid.dtype), hid, self.w2.reshape(E * h, d))
 
