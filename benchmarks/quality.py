@@ -69,6 +69,7 @@ def run(out: Path, model: str, seed: int, overrides: dict[str, Any]) -> dict[str
         "epochs": len(epoch_s),
         "best_epoch": config["best_epoch"],
         "epoch_seconds": statistics.median(epoch_s) if epoch_s else float("nan"),
+        "overrides": overrides,
     }
 
 
