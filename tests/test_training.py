@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ from pipeline.data.preprocess import PreprocessOutputs, preprocess
 from pipeline.evaluation.evaluate import EvaluateOutputs, evaluate, length_buckets, popularity_buckets
 from pipeline.params import Params, load_params
 from pipeline.training.data import training_sequences
+from pipeline.training.log import read_log
 from pipeline.training.train import TrainOutputs, train
 from tests.conftest import REPO_ROOT, TINY_MODEL
 
@@ -54,11 +54,6 @@ def prepared(root: Path, **extra: Any) -> Params:
     download(params.data)
     preprocess(params.preprocess, params.data.interim_dir)
     return params
-
-
-def read_log(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")

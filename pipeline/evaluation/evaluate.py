@@ -11,7 +11,6 @@ the training interactions), and the MoE expert load per layer per bucket, with P
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,10 +205,3 @@ def expert_load(
         "by_history_length": shares(by_user),
         "by_item_popularity": shares(by_item),
     }
-
-
-def read_log(path: Path) -> list[dict[str, float]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]

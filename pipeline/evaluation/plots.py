@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.io import atomic_path  # noqa: E402
+from pipeline.training.log import read_log  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -21,8 +22,6 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def training_curves(log_path: Path, out: Path) -> None:
-    from pipeline.evaluation.evaluate import read_log
-
     rows = read_log(log_path)
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     if rows:

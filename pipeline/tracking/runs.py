@@ -33,6 +33,7 @@ import yaml
 from pipeline.io import file_digest, write_json_atomic
 from pipeline.params import Params
 from pipeline.tracking.store import Tracking, display_uri, experiment_name
+from pipeline.training.log import read_log
 
 log = logging.getLogger(__name__)
 
@@ -307,8 +308,6 @@ def log_evaluation(params: Params, report_dir: str | Path | None = None) -> str 
         model_json = Path(params.train.model_dir) / "model.json"
         if model_json.exists():
             run.set_tags({"device": json.loads(model_json.read_text()).get("device", "unknown")})
-        from pipeline.evaluation.evaluate import read_log
-
         for row in read_log(Path(params.train.model_dir) / "train_log.csv"):
             run.log_epoch(row)
         run.log_training(params)

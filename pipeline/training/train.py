@@ -11,7 +11,6 @@ DDP-ready: the epoch permutation is sliced by rank (``perm[rank::world]``) and o
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import io
@@ -38,22 +37,11 @@ from pipeline.model.config import ModelConfig
 from pipeline.params import Params, from_dict
 from pipeline.tracking.runs import RunLogger
 from pipeline.training.data import eval_split, num_items, training_sequences
+from pipeline.training.log import write_log
 
 log = logging.getLogger(__name__)
 
 SELECTION_METRIC = "ndcg@10"
-LOG_COLUMNS = [
-    "epoch",
-    "step",
-    "train_loss",
-    "ce_loss",
-    "lb_loss",
-    "valid_hr@10",
-    "valid_ndcg@10",
-    "usage_entropy",
-    "alpha",
-    "epoch_seconds",
-]
 
 
 @dataclass(frozen=True)
@@ -251,7 +239,7 @@ def _train(params: Params, run: RunLogger, fingerprint: str) -> TrainOutputs:
             _save_checkpoint(
                 outputs.checkpoint, fingerprint, model, best_weights, optimizer, scheduler, generator, state
             )
-            _write_log(outputs.log, state.history)
+            write_log(outputs.log, state.history)
             run.log_epoch(row)
     if rank == 0:
         _save_state_dict(outputs.model, best_weights if best_weights is not None else model.state_dict())
@@ -269,7 +257,7 @@ def _train(params: Params, run: RunLogger, fingerprint: str) -> TrainOutputs:
                 "device": str(device),
             },
         )
-        _write_log(outputs.log, state.history)
+        write_log(outputs.log, state.history)
         run.log_training(params)
     log.info("best validation NDCG@10 %.4f at epoch %d", state.best_metric, state.best_epoch)
     return outputs
@@ -432,10 +420,3 @@ def _load_checkpoint(
         history=json.loads(saved["history"]),
     )
     return state, payload.get("best_model")
-
-
-def _write_log(path: Path, history: list[dict[str, float]]) -> None:
-    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(history)
