@@ -307,6 +307,12 @@ def id_map_table(name: str, raw: pa.Array) -> pa.Table:
     return pa.table({name: ids, f"raw_{name}": raw})
 
 
+def read_id_map(path: str | Path, name: str) -> dict[int, str]:
+    """``{id: raw id}`` of a ``user_map`` / ``item_map`` file (``name`` = user_id | item_id); raw ids as strings."""
+    table = pq.read_table(path)
+    return {i: str(r) for i, r in zip(table[name].to_pylist(), table[f"raw_{name}"].to_pylist(), strict=True)}
+
+
 def dataset_stats(events: Events, tables: dict[str, pa.Table], params: PreprocessParams) -> dict[str, Any]:
     n_users, n_items, n_events = len(events.raw_users), len(events.raw_items), len(events.user)
     lengths = np.bincount(events.user, minlength=n_users + 1)[1:]

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.preprocess import PreprocessOutputs
+from pipeline.data.preprocess import PreprocessOutputs, read_id_map
 from pipeline.io import write_parquet_atomic
 from pipeline.params import Params
 
@@ -64,15 +64,10 @@ def user_histories(processed_dir: str | Path) -> tuple[list[str], list[list[str]
         columns = (table[c].to_pylist() for c in ("user_id", "history", "target"))
         for user, history, target in zip(*columns, strict=True):
             sequences[user] = [*history, target]
-    raw_user = _raw_ids(splits.user_map, "user_id")
-    raw_item = _raw_ids(splits.item_map, "item_id")
+    raw_user = read_id_map(splits.user_map, "user_id")
+    raw_item = read_id_map(splits.item_map, "item_id")
     order = sorted(sequences)
     return [raw_user[u] for u in order], [[raw_item[i] for i in sequences[u]] for u in order]
-
-
-def _raw_ids(path: Path, name: str) -> dict[int, str]:
-    table = pq.read_table(path)
-    return {i: str(r) for i, r in zip(table[name].to_pylist(), table[f"raw_{name}"].to_pylist(), strict=True)}
 
 
 def _predictor(params: Params, model_uri: str | None) -> tuple[Callable[[pd.DataFrame], pd.DataFrame], str]:

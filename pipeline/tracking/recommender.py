@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.model import SequentialRecommender, build_model
@@ -53,10 +52,11 @@ class Recommender:
         model = build_model(cfg, int(meta["num_items"]))
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         model.eval()
-        table = pq.read_table(item_map)
-        ids = table.column("item_id").to_numpy()
+        from pipeline.data.preprocess import read_id_map  # lazy: keeps the served model's import light
+
+        raw_items = read_id_map(item_map, "item_id")
         raw_ids = np.full(model.num_items + 1, "", dtype=object)
-        raw_ids[ids] = [str(v) for v in table.column("raw_item_id").to_pylist()]
+        raw_ids[list(raw_items)] = list(raw_items.values())
         index = {raw: int(i) for i, raw in enumerate(raw_ids) if i > 0}
         return cls(model, raw_ids, index, cfg.max_seq_len, exclude_history, default_k)
 

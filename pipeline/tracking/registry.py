@@ -175,17 +175,16 @@ def rescore(recommender: Any, params: Params) -> float:
     dropped, and a user whose target it does not know counts as a miss (every test user weighs the same).
     """
 
-    from pipeline.data.preprocess import PreprocessOutputs
+    from pipeline.data.preprocess import PreprocessOutputs, read_id_map
     from pipeline.evaluation.ranking import rank_split
     from pipeline.training.data import eval_split, list_parts
     from pipeline.training.train import autocast_dtype, pick_device
 
     processed = PreprocessOutputs.under(params.preprocess.processed_dir)
     test = pq.read_table(processed.test)
-    item_map = pq.read_table(processed.item_map)
-    item_ids = item_map.column("item_id").to_numpy()
-    lookup = np.zeros(int(item_ids.max(initial=0)) + 1, dtype=np.int64)  # current id -> the recommender's id
-    lookup[item_ids] = [recommender.index.get(str(raw), 0) for raw in item_map.column("raw_item_id").to_pylist()]
+    raw_items = read_id_map(processed.item_map, "item_id")
+    lookup = np.zeros(max(raw_items, default=0) + 1, dtype=np.int64)  # current id -> the recommender's id
+    lookup[list(raw_items)] = [recommender.index.get(raw, 0) for raw in raw_items.values()]
     offsets, values = list_parts(test["history"])
     mapped = lookup[values]
     kept = np.concatenate([[0], np.cumsum(mapped > 0)])[offsets]
@@ -435,7 +434,8 @@ def _input_example(processed: Any, k: int) -> Any:
     """The first test user's last five items, as raw ids."""
     import pandas as pd
 
-    item_map = pq.read_table(processed.item_map)
-    raw = dict(zip(item_map.column("item_id").to_pylist(), item_map.column("raw_item_id").to_pylist(), strict=True))
+    from pipeline.data.preprocess import read_id_map
+
+    raw = read_id_map(processed.item_map, "item_id")
     history = pq.read_table(processed.test, columns=["history"]).column("history")[0].as_py()[-5:]
-    return pd.DataFrame({"history": [[str(raw[i]) for i in history]], "k": [k]})
+    return pd.DataFrame({"history": [[raw[i] for i in history]], "k": [k]})
