@@ -73,6 +73,13 @@ def run(out: Path, model: str, seed: int, overrides: dict[str, Any]) -> dict[str
     }
 
 
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` over seeds; a single seed has no spread to show."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
 def table(out: Path) -> str:
     rows: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(out.glob("*-seed*/result.json")):
@@ -83,11 +90,7 @@ def table(out: Path) -> str:
         "|---" * (len(REPORTED) + 4) + "|",
     ]
     for model, results in rows.items():
-        cells = []
-        for metric in REPORTED:
-            values = [r["test"][metric] for r in results]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.4f} ± {std:.4f}")
+        cells = [mean_std([r["test"][metric] for r in results]) for metric in REPORTED]
         epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']})" for r in results)
         seconds = statistics.mean(r["epoch_seconds"] for r in results)
         lines.append(f"| {model} | {len(results)} | " + " | ".join(cells) + f" | {epochs} | {seconds:.1f} |")
@@ -99,9 +102,7 @@ def table(out: Path) -> str:
         cells = []
         for key, names in groups:
             for name in names:
-                values = [r[key][name].get("ndcg@10", float("nan")) for r in results]
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                cells.append(f"{statistics.mean(values):.4f} ± {std:.4f}")
+                cells.append(mean_std([r[key][name].get("ndcg@10", float("nan")) for r in results]))
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
