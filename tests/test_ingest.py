@@ -313,6 +313,19 @@ def test_warm_start_loads_weights_only_for_the_same_catalogue_and_architecture(t
     with pytest.raises(FileNotFoundError, match="warm_start_from"):
         warm_start(model, tmp_path / "missing", params.model, item_map)
 
+    # a champion saved before a parameter existed (here moe.expert_dropout) still warm-starts at that default;
+    # one saved by a newer version, with a parameter unknown here, is treated as another architecture
+    config = json.loads(source.config.read_text())
+    for folder, edit in (("older", lambda moe: moe.pop("expert_dropout")), ("newer", lambda moe: moe.update(x=1))):
+        copy_dir = tmp_path / folder
+        copy_dir.mkdir()
+        (copy_dir / "model.pt").write_bytes(source.model.read_bytes())
+        edited = json.loads(json.dumps(config))
+        edit(edited["model"]["moe"])
+        (copy_dir / "model.json").write_text(json.dumps(edited))
+        loaded = warm_start(build_model(params.model, n_items), copy_dir, params.model, item_map)
+        assert loaded == (folder == "older")
+
     # a warm-started run continues the MoE warm-up w(t) from the source's step instead of fading experts in again
     source_step = int(saved["train_step"])
     assert source_step > 0

@@ -63,7 +63,7 @@ class ModelConfig:
     num_layers: int = 2  # (int) transformer blocks / GRU layers
     num_heads: int = 2  # (int) attention heads (must divide hidden_size)
     max_seq_len: int = 50  # (int) L, longest history the model sees (positions are right-aligned)
-    dropout: float = 0.2  # (float) dropout on embeddings, FFN inner activations and residual branches
+    dropout: float = 0.2  # (float) dropout on embeddings, (dense) FFN inner activations and residual branches
     attn_dropout: float = 0.2  # (float) dropout on attention probabilities
     ffn_hidden: int = 256  # (int) FFN inner width of the plain (non-MoE) transformer
     bert_mask_prob: float = 0.2  # (float) BERT4Rec cloze masking probability per real item

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.data.preprocess import read_id_map
 from pipeline.model import SequentialRecommender, build_model
 from pipeline.model.config import ModelConfig
 from pipeline.params import from_dict
@@ -52,8 +53,6 @@ class Recommender:
         model = build_model(cfg, int(meta["num_items"]))
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         model.eval()
-        from pipeline.data.preprocess import read_id_map  # lazy: keeps the served model's import light
-
         raw_items = read_id_map(item_map, "item_id")
         raw_ids = np.full(model.num_items + 1, "", dtype=object)
         raw_ids[list(raw_items)] = list(raw_items.values())

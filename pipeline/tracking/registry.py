@@ -425,6 +425,8 @@ def _log_model(params: Params, run_id: str, digest: str | None) -> Any:
                     "pandas",
                     "pyarrow",
                     "pyyaml",
+                    "requests",  # the shipped pipeline package imports these at load time
+                    "tqdm",
                 ],
                 tags={"model_sha256": digest or ""},
             )

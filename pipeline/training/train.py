@@ -34,7 +34,7 @@ from pipeline.evaluation.ranking import rank_split
 from pipeline.io import atomic_path, file_digest, write_bytes_atomic, write_json_atomic
 from pipeline.model import SequentialRecommender, build_model
 from pipeline.model.config import ModelConfig
-from pipeline.params import Params, from_dict
+from pipeline.params import Params, ParamsError, from_dict
 from pipeline.tracking.runs import RunLogger
 from pipeline.training.data import eval_split, num_items, training_sequences
 from pipeline.training.log import write_log
@@ -282,7 +282,11 @@ def warm_start(model: torch.nn.Module, source: str | Path, model_cfg: ModelConfi
     if config.get("item_catalogue") != catalogue_fingerprint(item_map):
         log.info("warm start: %s was trained on another item catalogue; training from scratch", source)
         return False
-    if config.get("model") != json.loads(json.dumps(dataclasses.asdict(model_cfg))):
+    try:  # through ModelConfig, so a model.json written before a parameter existed gets that parameter's default
+        same_architecture = from_dict(ModelConfig, config.get("model", {}), "model") == model_cfg
+    except ParamsError:  # written by a newer version with parameters this one does not know
+        same_architecture = False
+    if not same_architecture:
         log.info("warm start: %s has another architecture; training from scratch", source)
         return False
     model.load_state_dict(torch.load(outputs.model, map_location="cpu", weights_only=True))
