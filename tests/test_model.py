@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.model import (
     BERT4Rec,
@@ -132,6 +133,48 @@ def test_moe_expert_dropout(impl: str) -> None:
     torch.testing.assert_close(mean, experts_eval, atol=0.1 * experts_eval.abs().max().item(), rtol=0.0)
     with pytest.raises(ValueError, match="expert_dropout"):
         replace(cfg, expert_dropout=1.0).validate()
+
+
+class FixedUnitMask(torch.nn.Module):
+    """Stands in for the expert dropout: the same mask over each expert's h units in every kernel."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, hid: torch.Tensor) -> torch.Tensor:
+        h = self.mask.numel()
+        assert hid.shape[-1] % h == 0, "expert dropout must act on the experts' hidden units"
+        return hid * self.mask.repeat(hid.shape[-1] // h)  # [n, h] (loop, grouped) or [N, E*h] (dense)
+
+
+def test_moe_kernels_agree_with_a_fixed_expert_mask_in_training() -> None:
+    """Dropout sits on the activated hidden units of each expert in all three kernels (GELU: not before it)."""
+    torch.manual_seed(3)
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=16, dense_hidden=8, router_input="hidden", warmup_steps=0)
+    layer = HybridMoE(8, replace(cfg, expert_dropout=0.5), activation="gelu").train()
+    with torch.no_grad():
+        layer.b1.normal_(std=0.5)
+    mask = (torch.rand(16) > 0.5).float() * 2.0
+    layer.expert_drop = FixedUnitMask(mask)
+    x = torch.randn(33, 8)
+    outputs = {impl: layer(x, implementation=impl)[0] for impl in IMPLEMENTATIONS}
+    for impl in ("dense", "grouped"):
+        torch.testing.assert_close(outputs[impl], outputs["loop"])
+    layer.expert_drop = torch.nn.Identity()
+    assert not torch.allclose(layer(x, implementation="loop")[0], outputs["loop"])  # the mask mattered
+    layer.eval()
+    probs = layer.gate_probs(x)
+    top = probs.topk(2)
+    gates = top.values / top.values.sum(-1, keepdim=True)
+    expected = layer.dense(x)
+    for slot in range(2):
+        e = top.indices[:, slot]
+        hid = F.gelu(torch.einsum("nd,ndh->nh", x, layer.w1[e]) + layer.b1[e]) * mask
+        expected = expected + layer.alpha(0) * gates[:, slot : slot + 1] * (
+            torch.einsum("nh,nhd->nd", hid, layer.w2[e]) + layer.b2[e]
+        )
+    torch.testing.assert_close(outputs["loop"], expected)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
