@@ -22,7 +22,9 @@ from typing import Any
 import torch
 import yaml
 
+from pipeline.io import write_json_atomic
 from pipeline.params import load_params
+from pipeline.training.log import read_log
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "hymoerec": {"model.kind": "hymoerec", "model.moe.enabled": True},
@@ -39,6 +41,7 @@ def run(out: Path, model: str, seed: int, overrides: dict[str, Any]) -> dict[str
 
     folder = out / f"{model}-seed{seed}"
     done = folder / "reports" / "metrics.json"
+    recorded = recorded_overrides(folder, overrides)
     if not done.exists():
         params = load_params(
             "params.yaml",
@@ -55,9 +58,7 @@ def run(out: Path, model: str, seed: int, overrides: dict[str, Any]) -> dict[str
         evaluate(params)
         (folder / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
     metrics = json.loads(done.read_text())
-    log = (TrainOutputs.under(folder / "model").log).read_text().splitlines()
-    header = log[0].split(",")
-    epoch_s = [float(line.split(",")[header.index("epoch_seconds")]) for line in log[1:]]
+    epoch_s = [row["epoch_seconds"] for row in read_log(TrainOutputs.under(folder / "model").log)]
     config = json.loads(TrainOutputs.under(folder / "model").config.read_text())
     return {
         "model": model,
@@ -69,8 +70,28 @@ def run(out: Path, model: str, seed: int, overrides: dict[str, Any]) -> dict[str
         "epochs": len(epoch_s),
         "best_epoch": config["best_epoch"],
         "epoch_seconds": statistics.median(epoch_s) if epoch_s else float("nan"),
-        "overrides": overrides,
+        "overrides": recorded,
     }
+
+
+def recorded_overrides(folder: Path, overrides: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``--set`` overrides a run folder was started with; other ones for the same folder are an error.
+
+    Runs are resumed and skipped by folder name, so without this check a second command with other settings
+    would silently label (or continue) results trained with the first one's. ``None``: the folder predates the
+    record (started by an older version of this script), its settings are unknown here.
+    """
+    path = folder / "overrides.json"
+    normalised = json.loads(json.dumps(overrides, sort_keys=True))
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored != normalised:
+            raise SystemExit(f"{folder} was started with --set {stored}, not {normalised}: use another --out")
+        return stored
+    if (folder / "model").exists():
+        return None
+    write_json_atomic(path, normalised)
+    return normalised
 
 
 def mean_std(values: list[float]) -> str:
