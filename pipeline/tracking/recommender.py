@@ -8,7 +8,6 @@ recommendations (the model has nothing to condition on). Padding (id 0) is never
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,10 +18,9 @@ import pandas as pd
 import torch
 
 from pipeline.data.preprocess import read_id_map
-from pipeline.model import SequentialRecommender, build_model
-from pipeline.model.config import ModelConfig
-from pipeline.params import from_dict
+from pipeline.model import SequentialRecommender
 from pipeline.training.data import gather_windows
+from pipeline.training.train import load_model_files
 
 DEFAULT_K = 10
 CHUNK = 512  # histories scored per forward pass
@@ -48,16 +46,12 @@ class Recommender:
         default_k: int = DEFAULT_K,
     ) -> Recommender:
         """Rebuild from ``model.pt`` (a state_dict, loaded with ``weights_only=True``), ``model.json`` and the map."""
-        meta = json.loads(Path(config).read_text())
-        cfg = from_dict(ModelConfig, meta["model"], "model")
-        model = build_model(cfg, int(meta["num_items"]))
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        model.eval()
+        model = load_model_files(weights, config)
         raw_items = read_id_map(item_map, "item_id")
         raw_ids = np.full(model.num_items + 1, "", dtype=object)
         raw_ids[list(raw_items)] = list(raw_items.values())
         index = {raw: int(i) for i, raw in enumerate(raw_ids) if i > 0}
-        return cls(model, raw_ids, index, cfg.max_seq_len, exclude_history, default_k)
+        return cls(model, raw_ids, index, model.max_seq_len, exclude_history, default_k)
 
     def encode(self, history: Sequence[object]) -> list[int]:
         """Internal ids of the known items of ``history`` (raw ids), oldest first; unknown ids are dropped."""

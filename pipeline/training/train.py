@@ -295,11 +295,21 @@ def warm_start(model: torch.nn.Module, source: str | Path, model_cfg: ModelConfi
 
 
 def load_trained_model(model_dir: str | Path, device: torch.device | str = "cpu") -> SequentialRecommender:
-    """Rebuild the model from ``model.json`` and load the best weights (``weights_only=True``: no pickled code)."""
+    """The best weights of the run in ``model_dir`` (``model.pt`` + ``model.json``)."""
     outputs = TrainOutputs.under(model_dir)
-    config = json.loads(outputs.config.read_text())
-    model = build_model(from_dict(ModelConfig, config["model"], "model"), config["num_items"])
-    model.load_state_dict(torch.load(outputs.model, map_location=device, weights_only=True))
+    return load_model_files(outputs.model, outputs.config, device)
+
+
+def load_model_files(
+    weights: str | Path, config: str | Path, device: torch.device | str = "cpu"
+) -> SequentialRecommender:
+    """Rebuild the model from ``model.json`` and load ``model.pt`` (``weights_only=True``: no pickled code), eval mode.
+
+    One loader for the evaluate stage and the served MLflow model, whose artifacts are separate files.
+    """
+    meta = json.loads(Path(config).read_text())
+    model = build_model(from_dict(ModelConfig, meta["model"], "model"), int(meta["num_items"]))
+    model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
     return model.to(device).eval()
 
 
