@@ -490,6 +490,98 @@ def test_short_training_lowers_loss(kind: str, moe: bool) -> None:
         assert hits > 0.5, hits
 
 
+# ---------------------------------------------------------------- history bias
+
+
+def history_reference_logits(model, ids: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor:
+    """Hand-built logits: h_t . e_i plus the bias once for every item among positions <= t (padding excluded)."""
+    hidden, _ = model.encode(ids)
+    table = model.item_emb.weight[1 : model.num_items + 1]
+    logits = []
+    for b, t in rows:
+        seen = torch.zeros(model.num_items)
+        for item in set(ids[b, : t + 1].tolist()) - {0}:
+            seen[item - 1] = 1.0
+        logits.append(hidden[b, t] @ table.T + model.history_bias * seen)
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("kind", ["hymoerec", "gru4rec"])
+@pytest.mark.parametrize("num_negatives", [0, 6])
+def test_history_bias_loss_matches_reference(kind: str, num_negatives: int) -> None:
+    """Full and sampled softmax: the bias counts each seen item once, only from the past, with exact gradients."""
+    torch.manual_seed(0)
+    cfg = small_cfg(kind)
+    cfg.dropout = cfg.attn_dropout = 0.0
+    cfg.history_bias = True
+    num_items = 8  # a small catalogue makes repeats within a history likely
+    model = build_model(cfg, num_items=num_items).eval()
+    model.set_train_step(10_000)
+    with torch.no_grad():
+        model.history_bias.fill_(-1.5)
+    ids = random_batch(num_items=num_items)
+    targets = torch.where(ids > 0, torch.roll(ids, -1, 1), 0)
+    targets[:, -1] = torch.where(ids[:, -1] > 0, 3, 0)
+    out = model.training_loss(ids, targets, num_negatives=num_negatives, generator=torch.Generator().manual_seed(0))
+    rows = [(b, t) for b, t in (targets > 0).nonzero().tolist()]
+    logits = history_reference_logits(model, ids, rows)
+    wanted = torch.tensor([targets[b, t].item() - 1 for b, t in rows])
+    if num_negatives:
+        negatives = torch.randint(1, num_items + 1, (num_negatives,), generator=torch.Generator().manual_seed(0)) - 1
+        neg = logits[:, negatives].masked_fill(negatives.unsqueeze(0) == wanted.unsqueeze(1), -math.inf)
+        logits, wanted = torch.cat([logits.gather(1, wanted.unsqueeze(1)), neg], 1), torch.zeros_like(wanted)
+    expected = F.cross_entropy(logits, wanted)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.ce, params, allow_unused=True)
+    expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
+    torch.testing.assert_close(out.ce, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        if want is None:
+            assert got is None or got.abs().sum() == 0
+        else:
+            torch.testing.assert_close(got, want)
+    assert grads[params.index(model.history_bias)].abs() > 0
+
+
+def test_history_bias_shifts_exactly_the_seen_scores() -> None:
+    cfg = small_cfg()
+    model = build_model(cfg, num_items=25).eval()
+    cfg.history_bias = True
+    biased = build_model(cfg, num_items=25).eval()
+    biased.load_state_dict({**model.state_dict(), "history_bias": torch.tensor(-2.0)})
+    ids = random_batch(num_items=25)
+    diff = biased.score_next(ids) - model.score_next(ids)
+    for b in range(len(ids)):
+        seen = set(ids[b].tolist()) - {0}
+        for item in range(1, 26):
+            assert diff[b, item].item() == pytest.approx(-2.0 if item in seen else 0.0, abs=1e-5)
+    assert torch.isneginf(biased.score_next(ids)[:, 0]).all()
+    assert "history_bias" not in dict(model.named_parameters())  # off by default: the paper's model unchanged
+    with pytest.raises(ValueError, match="history_bias"):
+        ModelConfig(kind="bert4rec", history_bias=True).validate()
+
+
+@pytest.mark.parametrize("repeats", [False, True])
+def test_history_bias_learns_the_sign_of_repeats(repeats: bool) -> None:
+    """Histories without repeats drive the bias down; histories whose next item is a recent one drive it up."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    cfg = small_cfg()
+    cfg.history_bias = True
+    model = build_model(cfg, num_items=60)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(40):
+        seqs = torch.stack([torch.randperm(60, generator=g)[:13] + 1 for _ in range(32)])
+        if repeats:
+            seqs[:, 2:] = seqs[:, [0, 1] * 6][:, :11]  # a, b, a, b, ...: the next item is the one two steps back
+        model.set_train_step(step)
+        out = model.training_loss(seqs[:, :-1], seqs[:, 1:])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert (model.history_bias.item() > 0.1) if repeats else (model.history_bias.item() < -0.1)
+
+
 def test_models_deepcopy_and_state_dict_roundtrip() -> None:
     model = build_model(small_cfg(), num_items=20).eval()
     clone = copy.deepcopy(model)

@@ -3,6 +3,12 @@
 Items are ids 1..num_items, 0 is padding. Sequences are left-padded (the most recent item is at the right).
 A model only defines :meth:`SequentialRecommender.encode` (hidden state per position); the losses and the
 full-sort scores are one matmul against the item embedding table, which doubles as the output layer.
+
+Optional history bias (``model.history_bias``): one learned scalar b is added to the score of every item already
+in the history the model sees at that position. A dot product with tied embeddings cannot tell "like what you
+just had" from "what you just had", so on data where nobody repeats an item (reviews, ratings) the items just
+seen take top places the next item needs; b learns how likely repeats are (negative there, positive on re-purchase
+data) from the same loss, in training and at scoring alike.
 """
 
 from __future__ import annotations
@@ -34,14 +40,17 @@ class SequentialRecommender(nn.Module):
     """
 
     num_items: int
+    max_seq_len: int
     item_emb: nn.Embedding
+    history_bias: nn.Parameter | None
 
-    def __init__(self, num_items: int) -> None:
+    def __init__(self, num_items: int, *, history_bias: bool = False) -> None:
         super().__init__()
         if num_items < 1:
             raise ValueError(f"num_items must be >= 1, got {num_items}")
         self.num_items = num_items
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
+        self.register_parameter("history_bias", nn.Parameter(torch.zeros(())) if history_bias else None)
 
     def set_train_step(self, step: int) -> None:
         self.train_step.fill_(int(step))
@@ -68,7 +77,8 @@ class SequentialRecommender(nn.Module):
         a sampled softmax with that many uniform negatives shared by the batch.
         """
         hidden, auxes = self.encode(input_ids)
-        return self.loss_at(hidden, auxes, target_ids > 0, target_ids, num_negatives, generator)
+        seen = causal_history(input_ids[:, -self.max_seq_len :]) if self.history_bias is not None else None
+        return self.loss_at(hidden, auxes, target_ids > 0, target_ids, num_negatives, generator, seen)
 
     def loss_at(
         self,
@@ -78,9 +88,16 @@ class SequentialRecommender(nn.Module):
         targets: Tensor,
         num_negatives: int = 0,
         generator: torch.Generator | None = None,
+        seen: Tensor | None = None,
     ) -> LossOutput:
-        """Cross-entropy of ``targets`` at the positions where ``where`` holds (logits only there) + balance loss."""
+        """Cross-entropy of ``targets`` at the positions where ``where`` holds (logits only there) + balance loss.
+
+        ``seen [B, L, L']`` lists, per position, the item ids the history bias applies to (0 = none).
+        """
         rows = where.flatten().nonzero().squeeze(1)
+        history = None
+        if seen is not None and self.history_bias is not None:
+            history = (unique_per_row(seen.flatten(0, 1).index_select(0, rows)), self.history_bias)
         ce = next_item_ce(
             hidden.flatten(0, 1).index_select(0, rows),
             targets.flatten().index_select(0, rows),
@@ -88,13 +105,22 @@ class SequentialRecommender(nn.Module):
             self.num_items,
             num_negatives=num_negatives,
             generator=generator,
+            history=history,
         )
         return make_loss_output(ce, auxes)
 
     def score_next(self, input_ids: Tensor) -> Tensor:
         """Full-sort float32 scores ``[B, num_items + 1]`` of the item after the last position; column 0 = -inf."""
         hidden, _ = self.encode(input_ids)
-        return score_items(hidden[:, -1], self.item_emb.weight, self.num_items)
+        return self.bias_history(score_items(hidden[:, -1], self.item_emb.weight, self.num_items), input_ids)
+
+    def bias_history(self, scores: Tensor, input_ids: Tensor) -> Tensor:
+        """Add the learned history bias to the full-sort ``scores`` of the items in the window the model sees."""
+        if self.history_bias is None:
+            return scores
+        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids[:, -self.max_seq_len :], True)
+        seen[:, 0] = False  # padding stays -inf
+        return scores + self.history_bias.float() * seen
 
     def routing(self, input_ids: Tensor) -> list[Tensor] | None:
         """Per-layer top-K expert ids ``[B, L, K]`` (-1 at padding), or None for a model without MoE."""
@@ -119,34 +145,46 @@ class FullSoftmaxCE(torch.autograd.Function):
     fresh memory costs more in page faults than the matmuls. Here the logits are kept from the forward and turned
     into ``softmax - onehot`` in place in the backward. The matmuls follow autocast (bf16 under CUDA) and the
     softmax is float32. Not twice differentiable (a second backward raises: the buffer was modified in place).
+    ``seen [n, L]`` (0-based columns, unique per row, -1 = none) get ``bias`` added to their logits.
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, table: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, hidden: Tensor, table: Tensor, targets: Tensor, seen: Tensor | None = None, bias: Tensor | None = None
+    ) -> Tensor:
         logits = F.linear(hidden, table)
         ctx.mm_dtype = logits.dtype
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        ctx.history = seen is not None and bias is not None
+        if ctx.history:
+            cols, valid = seen.clamp_min(0), (seen >= 0).to(logits.dtype)
+            logits.scatter_add_(1, cols, valid * bias.to(logits.dtype))
         target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
         # stable log-sum-exp done in place (torch.logsumexp would allocate another [n, num_items] temporary)
         row_max = logits.amax(dim=1, keepdim=True)
         unnormalised = logits.sub_(row_max).exp_()
         total = unnormalised.sum(dim=1)
         loss = (row_max.squeeze(1) + total.log() - target_logit).mean()
-        ctx.save_for_backward(hidden, table, targets, total, unnormalised)
+        seen_saved = seen if ctx.history else targets.new_empty(0)
+        ctx.bias_dtype = bias.dtype if ctx.history else None
+        ctx.save_for_backward(hidden, table, targets, total, unnormalised, seen_saved)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
-        hidden, table, targets, total, unnormalised = ctx.saved_tensors
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        hidden, table, targets, total, unnormalised, seen = ctx.saved_tensors
         # d loss / d logits = grad * (softmax - onehot) / n, built in place in two passes over the buffer
         scale = grad / len(targets)
         g = unnormalised.mul_((scale / total).unsqueeze(1))
         g[torch.arange(len(targets), device=targets.device), targets] -= scale
+        grad_bias = None
+        if ctx.history:
+            grad_bias = (g.gather(1, seen.clamp_min(0)) * (seen >= 0)).sum().to(ctx.bias_dtype)
         g = g.to(ctx.mm_dtype)
         grad_hidden = (g @ table.to(ctx.mm_dtype)).to(hidden.dtype)
         grad_table = (g.T @ hidden.to(ctx.mm_dtype)).to(table.dtype)
-        return grad_hidden, grad_table, None
+        return grad_hidden, grad_table, None, None, grad_bias
 
 
 def next_item_ce(
@@ -157,22 +195,30 @@ def next_item_ce(
     *,
     num_negatives: int = 0,
     generator: torch.Generator | None = None,
+    history: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Cross-entropy of ``targets [n]`` (ids 1..num_items) given ``hidden [n, d]`` and the embedding table.
 
     Full catalogue: softmax over items 1..num_items (padding column never enters). Sampled: the target against
     ``num_negatives`` uniform items shared by all rows; a negative equal to a row's target is masked to -inf
-    so it cannot count as a negative.
+    so it cannot count as a negative. ``history = (seen [n, L] ids unique per row with 0 = none, bias)`` adds
+    the scalar bias to the logits of each row's seen items.
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # keeps the graph (and dtype) for a batch with nothing to predict
+    seen, bias = history if history is not None else (None, None)
     if num_negatives <= 0:
-        return FullSoftmaxCE.apply(hidden, item_weight[1 : num_items + 1], targets - 1)
+        return FullSoftmaxCE.apply(
+            hidden, item_weight[1 : num_items + 1], targets - 1, None if seen is None else seen - 1, bias
+        )
     device = generator.device if generator is not None else hidden.device
     negatives = torch.randint(1, num_items + 1, (num_negatives,), generator=generator, device=device)
     negatives = negatives.to(hidden.device)
     pos = (hidden * item_weight[targets]).sum(-1, keepdim=True).float()
     neg = F.linear(hidden, item_weight[negatives]).float()
+    if seen is not None and bias is not None:
+        pos = pos + bias * (seen == targets.unsqueeze(1)).any(1, keepdim=True)
+        neg = neg + bias * (seen.unsqueeze(1) == negatives.view(1, -1, 1)).any(2)
     neg = neg.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), -math.inf)
     logits = torch.cat([pos, neg], dim=1)
     return F.cross_entropy(logits, torch.zeros_like(targets))
@@ -185,6 +231,21 @@ def score_items(hidden: Tensor, item_weight: Tensor, num_items: int) -> Tensor:
         scores = F.linear(hidden.float(), item_weight[: num_items + 1].float())
     scores[:, 0] = -math.inf
     return scores
+
+
+def causal_history(input_ids: Tensor) -> Tensor:
+    """``[B, L, L]``: row t holds the items at positions <= t (0 elsewhere), what position t has already seen."""
+    L = input_ids.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
+    return input_ids.unsqueeze(1).expand(-1, L, -1) * causal
+
+
+def unique_per_row(ids: Tensor) -> Tensor:
+    """``ids [n, L]`` with repeats within a row replaced by 0, so each item is counted once per row."""
+    ids, _ = ids.sort(dim=1)
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    return ids.masked_fill(repeat, 0)
 
 
 def make_loss_output(ce: Tensor, auxes: list[MoEAux]) -> LossOutput:

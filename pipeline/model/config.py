@@ -67,6 +67,7 @@ class ModelConfig:
     attn_dropout: float = 0.2  # (float) dropout on attention probabilities
     ffn_hidden: int = 256  # (int) FFN inner width of the plain (non-MoE) transformer
     bert_mask_prob: float = 0.2  # (float) BERT4Rec cloze masking probability per real item
+    history_bias: bool = False  # (bool) learn one score offset for items already in the history (causal models)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def validate(self) -> None:
@@ -85,6 +86,8 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 < self.bert_mask_prob < 1.0:
             raise ValueError(f"model.bert_mask_prob must be in (0, 1), got {self.bert_mask_prob}")
+        if self.history_bias and self.kind == "bert4rec":
+            raise ValueError("model.history_bias needs a causal model (hymoerec or gru4rec): BERT4Rec sees the future")
         # GRU4Rec has no FFN, so its `moe` section is ignored rather than rejected
         if self.moe.enabled and self.kind != "gru4rec":
             self.moe.validate()

@@ -20,7 +20,7 @@ class GRU4Rec(SequentialRecommender):
     trailing padding only follows the real items, so no packing (and no host sync) is needed."""
 
     def __init__(self, cfg: ModelConfig, num_items: int) -> None:
-        super().__init__(num_items)
+        super().__init__(num_items, history_bias=cfg.history_bias)
         cfg.validate()
         self.cfg = cfg
         d = cfg.hidden_size

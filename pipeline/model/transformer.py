@@ -115,7 +115,7 @@ class TransformerRecommender(SequentialRecommender):
     """
 
     def __init__(self, cfg: ModelConfig, num_items: int, *, causal: bool, extra_tokens: int = 0) -> None:
-        super().__init__(num_items)
+        super().__init__(num_items, history_bias=cfg.history_bias)
         cfg.validate()
         self.cfg = cfg
         self.causal = causal
