@@ -502,7 +502,7 @@ def history_reference_logits(model, ids: torch.Tensor, rows: list[tuple[int, int
         seen = torch.zeros(model.num_items)
         for item in set(ids[b, : t + 1].tolist()) - {0}:
             seen[item - 1] = 1.0
-        logits.append(hidden[b, t] @ table.T + model.history_bias * seen)
+        logits.append(hidden[b, t] @ table.T + model.history_offset() * seen)
     return torch.stack(logits)
 
 
@@ -518,7 +518,7 @@ def test_history_bias_loss_matches_reference(kind: str, num_negatives: int) -> N
     model = build_model(cfg, num_items=num_items).eval()
     model.set_train_step(10_000)
     with torch.no_grad():
-        model.history_bias.fill_(-1.5)
+        model.history_bias.fill_(-0.15)  # stored as b / 10: b = -1.5
     ids = random_batch(num_items=num_items)
     targets = torch.where(ids > 0, torch.roll(ids, -1, 1), 0)
     targets[:, -1] = torch.where(ids[:, -1] > 0, 3, 0)
@@ -548,7 +548,7 @@ def test_history_bias_shifts_exactly_the_seen_scores() -> None:
     model = build_model(cfg, num_items=25).eval()
     cfg.history_bias = True
     biased = build_model(cfg, num_items=25).eval()
-    biased.load_state_dict({**model.state_dict(), "history_bias": torch.tensor(-2.0)})
+    biased.load_state_dict({**model.state_dict(), "history_bias": torch.tensor(-0.2)})  # b = -2
     ids = random_batch(num_items=25)
     diff = biased.score_next(ids) - model.score_next(ids)
     for b in range(len(ids)):
@@ -579,7 +579,8 @@ def test_history_bias_learns_the_sign_of_repeats(repeats: bool) -> None:
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-    assert (model.history_bias.item() > 0.1) if repeats else (model.history_bias.item() < -0.1)
+    offset = model.history_offset().item()
+    assert (offset > 1.0) if repeats else (offset < -1.0), offset
 
 
 def test_models_deepcopy_and_state_dict_roundtrip() -> None:

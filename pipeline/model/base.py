@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 from pipeline.model.moe import MoEAux
 
+HISTORY_BIAS_SCALE = 10.0  # see SequentialRecommender.history_offset
+
 
 @dataclass
 class LossOutput:
@@ -97,7 +99,7 @@ class SequentialRecommender(nn.Module):
         rows = where.flatten().nonzero().squeeze(1)
         history = None
         if seen is not None and self.history_bias is not None:
-            history = (unique_per_row(seen.flatten(0, 1).index_select(0, rows)), self.history_bias)
+            history = (unique_per_row(seen.flatten(0, 1).index_select(0, rows)), self.history_offset())
         ce = next_item_ce(
             hidden.flatten(0, 1).index_select(0, rows),
             targets.flatten().index_select(0, rows),
@@ -120,7 +122,16 @@ class SequentialRecommender(nn.Module):
             return scores
         seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids[:, -self.max_seq_len :], True)
         seen[:, 0] = False  # padding stays -inf
-        return scores + self.history_bias.float() * seen
+        return scores + self.history_offset().float() * seen
+
+    def history_offset(self) -> Tensor:
+        """The learned offset b, stored as ``history_bias = b / HISTORY_BIAS_SCALE``.
+
+        Adam moves a parameter by about lr per step: b needs a few units (thousands of steps at lr 1e-3, most of
+        a run on Beauty) where weights need hundredths, so the parameter is scaled down and b learns ten times faster.
+        """
+        assert self.history_bias is not None, "model.history_bias is off"
+        return self.history_bias * HISTORY_BIAS_SCALE
 
     def routing(self, input_ids: Tensor) -> list[Tensor] | None:
         """Per-layer top-K expert ids ``[B, L, K]`` (-1 at padding), or None for a model without MoE."""
