@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -98,10 +99,10 @@ def test_all_windows_cover_every_training_transition(data_root: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind,moe",
-    [("hymoerec", True), ("hymoerec", False), ("gru4rec", False), ("bert4rec", False)],
+    "kind,moe,history_bias",
+    [("hymoerec", True, False), ("hymoerec", False, True), ("gru4rec", False, True), ("bert4rec", False, False)],
 )
-def test_train_and_evaluate_stage(tmp_path: Path, data_root: Path, kind: str, moe: bool) -> None:
+def test_train_and_evaluate_stage(tmp_path: Path, data_root: Path, kind: str, moe: bool, history_bias: bool) -> None:
     params = load_params(
         REPO_ROOT / "params.yaml",
         tiny_overrides(
@@ -109,6 +110,7 @@ def test_train_and_evaluate_stage(tmp_path: Path, data_root: Path, kind: str, mo
             **{
                 "model.kind": kind,
                 "model.moe.enabled": moe,
+                "model.history_bias": history_bias,
                 "train.epochs": 6,
                 "train.patience": 6,
                 "train.model_dir": str(tmp_path / "models"),
@@ -122,6 +124,8 @@ def test_train_and_evaluate_stage(tmp_path: Path, data_root: Path, kind: str, mo
     assert float(log[-1]["ce_loss"]) < float(log[0]["ce_loss"])  # it learns
     if moe:
         assert float(log[-1]["lb_loss"]) != 0.0 and 0.0 < float(log[-1]["usage_entropy"]) <= 1.0
+    # the learned offset is logged each epoch; it moved from its initial 0 (nan when the bias is off)
+    assert (log[-1]["history_bias"] != 0.0) if history_bias else math.isnan(log[-1]["history_bias"])
     config = json.loads(outputs.config.read_text())
     best = max(float(r["valid_ndcg@10"]) for r in log)
     assert config["best_valid_ndcg@10"] == pytest.approx(best)  # selection on validation only

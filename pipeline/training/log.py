@@ -21,6 +21,7 @@ LOG_COLUMNS = [
     "valid_ndcg@10",
     "usage_entropy",
     "alpha",
+    "history_bias",  # the learned offset b of model.history_bias (nan when off)
     "epoch_seconds",
 ]
 
