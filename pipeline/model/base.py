@@ -120,9 +120,8 @@ class SequentialRecommender(nn.Module):
         """Add the learned history bias to the full-sort ``scores`` of the items in the window the model sees."""
         if self.history_bias is None:
             return scores
-        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids[:, -self.max_seq_len :], True)
-        seen[:, 0] = False  # padding stays -inf
-        return scores + self.history_offset().float() * seen
+        seen = unique_per_row(input_ids[:, -self.max_seq_len :])  # in place, no second [B, num_items] buffer
+        return scores.scatter_add_(1, seen, self.history_offset().float() * (seen > 0))  # padding: -inf + 0
 
     def history_offset(self) -> Tensor:
         """The learned offset b, stored as ``history_bias = b / HISTORY_BIAS_SCALE``.
