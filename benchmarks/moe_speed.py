@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.manual_seed(0)
         model = build_model(model_config(args, impl), args.items).to(device).train()
         model.set_train_step(10**6)  # past the warm-up: alpha > 0 (the compute is the same either way)
-        opt = torch.optim.AdamW(model.param_groups(0.01), lr=1e-3)
+        opt = torch.optim.AdamW(model.param_groups(0.01, 1e-3), lr=1e-3)
         rows[name] = {"model": model, "opt": opt, "times": [], "params": sum(p.numel() for p in model.parameters())}
 
     def step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:

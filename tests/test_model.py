@@ -442,12 +442,17 @@ def test_config_validation() -> None:
 
 def test_param_groups_cover_every_parameter_once() -> None:
     model = build_model(small_cfg(), num_items=20)
-    groups = model.param_groups(0.1)
+    groups = model.param_groups(0.1, 1e-3)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     no_decay = {id(p) for p in groups[1]["params"]}
     ffn = model.blocks[0].ffn
     assert {id(ffn.b1), id(ffn.b2), id(ffn.alpha_param)} <= no_decay and id(ffn.w1) not in no_decay
+    biased = build_model(replace(small_cfg(), history_bias=True), num_items=20)
+    groups = biased.param_groups(0.1, 1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(list(biased.parameters()))
+    assert groups[-1]["params"] == [biased.history_bias]
+    assert groups[-1]["lr"] == pytest.approx(1e-2) and groups[-1]["weight_decay"] == 0.0
 
 
 # ---------------------------------------------------------------- tiny training runs
@@ -502,7 +507,7 @@ def history_reference_logits(model, ids: torch.Tensor, rows: list[tuple[int, int
         seen = torch.zeros(model.num_items)
         for item in set(ids[b, : t + 1].tolist()) - {0}:
             seen[item - 1] = 1.0
-        logits.append(hidden[b, t] @ table.T + model.history_offset() * seen)
+        logits.append(hidden[b, t] @ table.T + model.history_bias * seen)
     return torch.stack(logits)
 
 
@@ -518,7 +523,7 @@ def test_history_bias_loss_matches_reference(kind: str, num_negatives: int) -> N
     model = build_model(cfg, num_items=num_items).eval()
     model.set_train_step(10_000)
     with torch.no_grad():
-        model.history_bias.fill_(-0.15)  # stored as b / 10: b = -1.5
+        model.history_bias.fill_(-1.5)
     ids = random_batch(num_items=num_items)
     targets = torch.where(ids > 0, torch.roll(ids, -1, 1), 0)
     targets[:, -1] = torch.where(ids[:, -1] > 0, 3, 0)
@@ -543,19 +548,28 @@ def test_history_bias_loss_matches_reference(kind: str, num_negatives: int) -> N
     assert grads[params.index(model.history_bias)].abs() > 0
 
 
-def test_history_bias_shifts_exactly_the_seen_scores() -> None:
-    cfg = small_cfg()
+@pytest.mark.parametrize("kind", ["hymoerec", "gru4rec"])
+def test_history_bias_scores_match_training_logits(kind: str) -> None:
+    """score_next adds b to exactly the items of the window the model sees, as the training logits do."""
+    cfg = small_cfg(kind)
     model = build_model(cfg, num_items=25).eval()
-    cfg.history_bias = True
-    biased = build_model(cfg, num_items=25).eval()
-    biased.load_state_dict({**model.state_dict(), "history_bias": torch.tensor(-0.2)})  # b = -2
+    biased = build_model(replace(cfg, history_bias=True), num_items=25).eval()
+    biased.load_state_dict({**model.state_dict(), "history_bias": torch.tensor(-2.0)})
     ids = random_batch(num_items=25)
-    diff = biased.score_next(ids) - model.score_next(ids)
-    for b in range(len(ids)):
-        seen = set(ids[b].tolist()) - {0}
-        for item in range(1, 26):
-            assert diff[b, item].item() == pytest.approx(-2.0 if item in seen else 0.0, abs=1e-5)
+    wide = torch.cat([torch.randint(1, 26, (len(ids), 5)), ids], dim=1)  # 5 older items outside the window of 12
+    for inputs in (ids, wide):
+        diff = biased.score_next(inputs) - model.score_next(inputs)
+        for b in range(len(ids)):
+            seen = set(ids[b].tolist()) - {0}
+            for item in range(1, 26):
+                assert diff[b, item].item() == pytest.approx(-2.0 if item in seen else 0.0, abs=1e-5)
+    last = [(b, ids.shape[1] - 1) for b in range(len(ids))]
+    torch.testing.assert_close(biased.score_next(ids)[:, 1:], history_reference_logits(biased, ids, last))
     assert torch.isneginf(biased.score_next(ids)[:, 0]).all()
+
+
+def test_history_bias_is_off_by_default_and_causal_only() -> None:
+    model = build_model(small_cfg(), num_items=25)
     assert "history_bias" not in dict(model.named_parameters())  # off by default: the paper's model unchanged
     with pytest.raises(ValueError, match="history_bias"):
         ModelConfig(kind="bert4rec", history_bias=True).validate()
@@ -569,7 +583,7 @@ def test_history_bias_learns_the_sign_of_repeats(repeats: bool) -> None:
     cfg = small_cfg()
     cfg.history_bias = True
     model = build_model(cfg, num_items=60)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.param_groups(0.0, 1e-2))  # the offset's own, 10x larger learning rate
     for step in range(40):
         seqs = torch.stack([torch.randperm(60, generator=g)[:13] + 1 for _ in range(32)])
         if repeats:
@@ -579,7 +593,7 @@ def test_history_bias_learns_the_sign_of_repeats(repeats: bool) -> None:
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-    offset = model.history_offset().item()
+    offset = model.history_bias.item()
     assert (offset > 1.0) if repeats else (offset < -1.0), offset
 
 

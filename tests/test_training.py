@@ -124,8 +124,9 @@ def test_train_and_evaluate_stage(tmp_path: Path, data_root: Path, kind: str, mo
     assert float(log[-1]["ce_loss"]) < float(log[0]["ce_loss"])  # it learns
     if moe:
         assert float(log[-1]["lb_loss"]) != 0.0 and 0.0 < float(log[-1]["usage_entropy"]) <= 1.0
-    # the learned offset is logged each epoch; it moved from its initial 0 (nan when the bias is off)
-    assert (log[-1]["history_bias"] != 0.0) if history_bias else math.isnan(log[-1]["history_bias"])
+    # the learned offset is logged each epoch; it moved from its initial 0 and stayed finite (nan when off)
+    offset = log[-1]["history_bias"]
+    assert (0.0 < abs(offset) < 100.0) if history_bias else math.isnan(offset)
     config = json.loads(outputs.config.read_text())
     best = max(float(r["valid_ndcg@10"]) for r in log)
     assert config["best_valid_ndcg@10"] == pytest.approx(best)  # selection on validation only
@@ -211,7 +212,7 @@ def test_killed_run_resumes_to_identical_weights_and_metrics(tmp_path: Path, dat
     drop = ("epoch_seconds",)
     log_a = [{k: v for k, v in r.items() if k not in drop} for r in read_log(a.log)]
     log_b = [{k: v for k, v in r.items() if k not in drop} for r in read_log(b.log)]
-    assert log_a == log_b
+    assert json.dumps(log_a) == json.dumps(log_b)  # (nan-aware: columns that do not apply hold nan)
 
 
 def test_bucket_helpers() -> None:

@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from pipeline.model.moe import MoEAux
 
-HISTORY_BIAS_SCALE = 10.0  # see SequentialRecommender.history_offset
+# Adam moves a parameter by about lr per step: the history offset needs a few units (thousands of steps at lr 1e-3,
+# most of a run on Beauty) where weights need hundredths, so it gets its own, larger learning rate
+HISTORY_BIAS_LR_SCALE = 10.0
 
 
 @dataclass
@@ -99,7 +101,7 @@ class SequentialRecommender(nn.Module):
         rows = where.flatten().nonzero().squeeze(1)
         history = None
         if seen is not None and self.history_bias is not None:
-            history = (unique_per_row(seen.flatten(0, 1).index_select(0, rows)), self.history_offset())
+            history = (unique_per_row(seen.flatten(0, 1).index_select(0, rows)), self.history_bias)
         ce = next_item_ce(
             hidden.flatten(0, 1).index_select(0, rows),
             targets.flatten().index_select(0, rows),
@@ -121,30 +123,28 @@ class SequentialRecommender(nn.Module):
         if self.history_bias is None:
             return scores
         seen = unique_per_row(input_ids[:, -self.max_seq_len :])  # in place, no second [B, num_items] buffer
-        return scores.scatter_add_(1, seen, self.history_offset().float() * (seen > 0))  # padding: -inf + 0
-
-    def history_offset(self) -> Tensor:
-        """The learned offset b, stored as ``history_bias = b / HISTORY_BIAS_SCALE``.
-
-        Adam moves a parameter by about lr per step: b needs a few units (thousands of steps at lr 1e-3, most of
-        a run on Beauty) where weights need hundredths, so the parameter is scaled down and b learns ten times faster.
-        """
-        assert self.history_bias is not None, "model.history_bias is off"
-        return self.history_bias * HISTORY_BIAS_SCALE
+        return scores.scatter_add_(1, seen, self.history_bias.float() * (seen > 0))  # padding: -inf + 0
 
     def routing(self, input_ids: Tensor) -> list[Tensor] | None:
         """Per-layer top-K expert ids ``[B, L, K]`` (-1 at padding), or None for a model without MoE."""
         return None
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay matrices and embeddings (nanoGPT rule), not biases, norms, alpha or expert biases."""
+    def param_groups(self, weight_decay: float, lr: float) -> list[dict]:
+        """AdamW groups: decay matrices and embeddings (nanoGPT rule), not biases, norms, alpha or expert biases;
+        the history offset (no decay) at ``HISTORY_BIAS_LR_SCALE * lr``."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
-            if not p.requires_grad:
+            if not p.requires_grad or p is self.history_bias:
                 continue
             is_bias = name.endswith(("bias", ".b1", ".b2"))  # stacked expert biases are 2-D
             (decay if p.dim() >= 2 and not is_bias else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay, "lr": lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+        ]
+        if self.history_bias is not None:
+            groups.append({"params": [self.history_bias], "weight_decay": 0.0, "lr": HISTORY_BIAS_LR_SCALE * lr})
+        return groups
 
 
 class FullSoftmaxCE(torch.autograd.Function):
@@ -214,9 +214,9 @@ def next_item_ce(
     so it cannot count as a negative. ``history = (seen [n, L] ids unique per row with 0 = none, bias)`` adds
     the scalar bias to the logits of each row's seen items.
     """
-    if hidden.shape[0] == 0:
-        return hidden.sum() * 0.0  # keeps the graph (and dtype) for a batch with nothing to predict
     seen, bias = history if history is not None else (None, None)
+    if hidden.shape[0] == 0:  # nothing to predict: a zero that keeps the graph (and dtype), every input used
+        return hidden.sum() * 0.0 + (bias * 0.0 if bias is not None else 0.0)
     if num_negatives <= 0:
         return FullSoftmaxCE.apply(
             hidden, item_weight[1 : num_items + 1], targets - 1, None if seen is None else seen - 1, bias

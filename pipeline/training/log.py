@@ -35,7 +35,8 @@ def write_log(path: Path, history: list[dict[str, float]]) -> None:
 
 
 def read_log(path: Path) -> list[dict[str, float]]:
-    """Rows as floats; empty cells (alpha and routing columns of a model without MoE) are left out."""
+    """Rows as floats: nan where a column does not apply (alpha without MoE, history_bias when off); cells a log
+    written before its column existed lacks are left out."""
     if not path.exists():
         return []
     with open(path, newline="") as handle:

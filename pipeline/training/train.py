@@ -133,7 +133,7 @@ def _train(params: Params, run: RunLogger, fingerprint: str) -> TrainOutputs:
     seed_everything(cfg.seed)
     model = build_model(params.model, n_items).to(device)
     optimizer = torch.optim.AdamW(
-        model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda"
+        model.param_groups(cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda"
     )
     steps_per_epoch = math.ceil(len(sequences.inputs) / world / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch * cfg.epochs))
@@ -214,7 +214,7 @@ def _train(params: Params, run: RunLogger, fingerprint: str) -> TrainOutputs:
             "valid_ndcg@10": metrics["ndcg@10"],
             "usage_entropy": _layer_mean(last_stats, "usage_entropy"),
             "alpha": _layer_mean(last_stats, "alpha"),
-            "history_bias": float(model.history_offset()) if model.history_bias is not None else float("nan"),
+            "history_bias": float(model.history_bias) if model.history_bias is not None else float("nan"),
             "epoch_seconds": _now() - started,
         }
         state.history.append(row)
