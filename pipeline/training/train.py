@@ -214,7 +214,7 @@ def _train(params: Params, run: RunLogger, fingerprint: str) -> TrainOutputs:
             "valid_ndcg@10": metrics["ndcg@10"],
             "usage_entropy": _layer_mean(last_stats, "usage_entropy"),
             "alpha": _layer_mean(last_stats, "alpha"),
-            "history_bias": float(model.history_bias) if model.history_bias is not None else float("nan"),
+            "history_bias": float(model.history_bias.detach()) if model.history_bias is not None else float("nan"),
             "epoch_seconds": _now() - started,
         }
         state.history.append(row)
