@@ -2,6 +2,10 @@
 
 Each command loads and validates ``params.yaml`` and calls the stage's plain function; Airflow tasks call the same
 functions, so there is exactly one definition of every stage.
+
+Exit codes: 0 done; 1 the input or the environment is at fault (a malformed file, an unreachable server); 2 a
+parameter is (``params.yaml``, ``--set`` or an argument). Both print one line, ``error: <stage>: <what and how to
+fix it>``; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from datetime import date
 
+from pipeline.errors import PipelineError
 from pipeline.params import Params, ParamsError, load_params
 
 STAGES: dict[str, tuple[str, Callable[[Params], object]]] = {}
@@ -85,12 +91,10 @@ def _replay_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _replay(args: argparse.Namespace, params: Params) -> object:
-    from datetime import date
-
     from pipeline.ingest.replay import replay
 
-    until = date.fromisoformat(args.until) if args.until else None
-    return replay(params, date.fromisoformat(args.cut), args.period, until)
+    until = _date_argument("--until", args.until) if args.until else None
+    return replay(params, _date_argument("--cut", args.cut), args.period, until)
 
 
 def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,19 +143,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         params = load_params(args.params, _parse_overrides(args.set))
-    except (ParamsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
         if args.stage in COMMANDS:
             COMMANDS[args.stage][2](args, params)
         else:
             STAGES[args.stage][1](params)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        logging.getLogger("pipeline").debug("stage failed", exc_info=True)
-        print(f"error: {args.stage}: {err}", file=sys.stderr)
-        return 1
+    except ParamsError as err:
+        return _fail(args.stage, err, 2)
+    except (PipelineError, OSError) as err:  # input or environment; OSError: a missing file, a full disk
+        return _fail(args.stage, err, 1)
     return 0
+
+
+def _fail(stage: str, err: Exception, code: int) -> int:
+    """One line for the user (details of a multi-line message follow it), the traceback only with --verbose."""
+    logging.getLogger("pipeline").debug("%s failed", stage, exc_info=True)
+    message = (
+        str(err) if not isinstance(err, FileNotFoundError) or not err.filename else f"no such file: {err.filename}"
+    )
+    print(f"error: {stage}: {message}", file=sys.stderr)
+    return code
 
 
 def _parse_overrides(items: list[str]) -> dict[str, object]:
@@ -162,5 +172,16 @@ def _parse_overrides(items: list[str]) -> dict[str, object]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ParamsError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "not a YAML value"
+            raise ParamsError(f"--set {key.strip()}: {value!r} is not a YAML value ({problem}); quote strings") from err
     return overrides
+
+
+def _date_argument(flag: str, value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError as err:
+        raise ParamsError(f"{flag} must be a date (YYYY-MM-DD), got {value!r}") from err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import types
 import typing
@@ -18,14 +19,11 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.errors import ParamsError
 from pipeline.model.config import ModelConfig
 
 DATASETS = ("ml-1m", "ml-100k", "beauty", "custom", "synthetic")
 MIRROR_ENV = "HYMOE_DATA_MIRROR"
-
-
-class ParamsError(ValueError):
-    """A ``params.yaml`` problem: unknown key, wrong type or invalid value."""
 
 
 @dataclass
@@ -66,12 +64,35 @@ class SyntheticParams:
 
 
 @dataclass
+class TimestampParams:
+    earliest: str = "1970-01-01"
+    future_tolerance_s: float = 86_400.0
+
+    def validate(self) -> None:
+        try:
+            earliest = datetime.date.fromisoformat(self.earliest)
+        except ValueError as err:
+            raise ParamsError(f"data.timestamps.earliest must be a date (YYYY-MM-DD), got {self.earliest!r}") from err
+        if earliest < datetime.date(1970, 1, 1):
+            raise ParamsError(f"data.timestamps.earliest must be 1970-01-01 or later, got {self.earliest}")
+        if self.future_tolerance_s < 0:
+            raise ParamsError(f"data.timestamps.future_tolerance_s must be >= 0, got {self.future_tolerance_s}")
+
+    def window(self, now: float | None = None) -> tuple[int, int]:
+        """Valid unix seconds ``[earliest, now + tolerance]``: outside it a timestamp is quarantined, never kept."""
+        start = datetime.datetime.combine(datetime.date.fromisoformat(self.earliest), datetime.time(), datetime.UTC)
+        now = datetime.datetime.now(datetime.UTC).timestamp() if now is None else now
+        return int(start.timestamp()), int(now + self.future_tolerance_s)
+
+
+@dataclass
 class DataParams:
     dataset: str = "ml-1m"
     mirror: str | None = None
     cache_dir: str = "data/cache"
     interim_dir: str = "data/interim"
     max_bad_fraction: float = 0.01
+    timestamps: TimestampParams = field(default_factory=TimestampParams)
     beauty_source: Literal["auto", "raw", "s3rec", "ticoserec"] = "auto"
     download: DownloadParams = field(default_factory=DownloadParams)
     custom: CustomSourceParams = field(default_factory=CustomSourceParams)
@@ -84,6 +105,7 @@ class DataParams:
             raise ParamsError(f"data.max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
         if self.dataset == "custom" and not self.custom.path:
             raise ParamsError("data.custom.path must name a file, folder or glob when data.dataset is 'custom'")
+        self.timestamps.validate()
 
     def resolved_mirror(self) -> Path | None:
         """The mirror folder: ``$HYMOE_DATA_MIRROR`` wins over ``data.mirror`` so CI can point at a copy."""
@@ -237,7 +259,10 @@ class Params:
 
 def load_params(path: str | os.PathLike[str] = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Load, type-check and validate ``params.yaml``; ``overrides`` maps dotted keys (``data.dataset``) to values."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: the top level must be a mapping")
     for dotted, value in (overrides or {}).items():
@@ -299,8 +324,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ParamsError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf: NaN fails deep inside torch, inf trains on NaN loss
+            raise ParamsError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2024-01-05 as a date
+            return value.isoformat()
         if not isinstance(value, str):
             raise ParamsError(f"{where}: expected a string, got {value!r}")
         return value
@@ -316,6 +345,11 @@ def _join(where: str, key: str) -> str:
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node = raw
     *parents, leaf = dotted.split(".")
-    for key in parents:
+    if not all(part.strip() for part in dotted.split(".")):
+        raise ParamsError(f"override key {dotted!r}: expected a dotted key such as train.epochs")
+    for depth, key in enumerate(parents):
         node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            where = ".".join(parents[: depth + 1])
+            raise ParamsError(f"override key {dotted!r}: {where} is a value, not a section; set {where} itself")
     node[leaf] = value

@@ -379,7 +379,7 @@ def run_cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.C
 def test_cli_unknown_dataset_exits_2() -> None:
     done = run_cli("--set", "data.dataset=nope", "download")
     assert done.returncode == 2
-    assert "error: data.dataset: unknown dataset 'nope'; choose one of " + ", ".join(DATASETS) in done.stderr
+    assert "error: download: data.dataset: unknown dataset 'nope'; choose one of " + ", ".join(DATASETS) in done.stderr
     assert "Traceback" not in done.stderr
 
 

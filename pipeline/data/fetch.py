@@ -20,6 +20,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
 from pipeline.io import file_digest
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(PipelineError, RuntimeError):
     """A download failed; the message names the URL and the cause."""
 
 

@@ -13,15 +13,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from pipeline.errors import BadInputError
 from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 QUARANTINE_COLUMNS = ["source", "line", "reason", "raw"]
-
-
-class BadInputError(ValueError):
-    """Input that cannot be turned into interactions: too many bad rows, empty, or missing columns."""
 
 
 @dataclass

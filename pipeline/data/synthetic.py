@@ -26,6 +26,8 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import ParamsError
+
 MIN_EVENTS = 5  # every user gets at least this many events (leave-one-out splits need a few per user)
 SEGMENTS = ("chain", "loyal", "noisy")  # segment codes 0, 1, 2 in this order
 SECONDS_PER_DAY = 86_400
@@ -62,37 +64,37 @@ class SyntheticConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type == "int" and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
-                raise ValueError(f"{f.name} must be an integer, got {value!r}")
+                raise ParamsError(f"{f.name} must be an integer, got {value!r}")
             if f.type == "float" and (not isinstance(value, numbers.Real) or not math.isfinite(value)):
-                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+                raise ParamsError(f"{f.name} must be a finite number, got {value!r}")
         if self.n_users < 1:
-            raise ValueError(f"n_users must be >= 1, got {self.n_users}")
+            raise ParamsError(f"n_users must be >= 1, got {self.n_users}")
         if self.n_items < 2:
-            raise ValueError(f"n_items must be >= 2, got {self.n_items}")
+            raise ParamsError(f"n_items must be >= 2, got {self.n_items}")
         if not 1 <= self.n_categories <= self.n_items:
-            raise ValueError(f"n_categories must be in [1, n_items={self.n_items}], got {self.n_categories}")
+            raise ParamsError(f"n_categories must be in [1, n_items={self.n_items}], got {self.n_categories}")
         if self.mean_events_per_user < MIN_EVENTS:
-            raise ValueError(
+            raise ParamsError(
                 f"mean_events_per_user must be >= {MIN_EVENTS} (the minimum length), got {self.mean_events_per_user}"
             )
         fractions = (self.chain_fraction, self.loyal_fraction, self.noisy_fraction)
         if any(not 0.0 <= f <= 1.0 for f in fractions):
-            raise ValueError(f"segment fractions must each be in [0, 1], got {fractions}")
+            raise ParamsError(f"segment fractions must each be in [0, 1], got {fractions}")
         if not math.isclose(sum(fractions), 1.0, abs_tol=1e-9):
-            raise ValueError(
+            raise ParamsError(
                 "chain_fraction + loyal_fraction + noisy_fraction must sum to 1, got "
                 f"{self.chain_fraction} + {self.loyal_fraction} + {self.noisy_fraction} = {sum(fractions):g}"
             )
         if not 0.0 <= self.chain_prob <= 1.0:
-            raise ValueError(f"chain_prob must be in [0, 1], got {self.chain_prob}")
+            raise ParamsError(f"chain_prob must be in [0, 1], got {self.chain_prob}")
         if self.popularity_exponent < 0:
-            raise ValueError(f"popularity_exponent must be >= 0, got {self.popularity_exponent}")
+            raise ParamsError(f"popularity_exponent must be >= 0, got {self.popularity_exponent}")
         if self.start_timestamp < 0:
-            raise ValueError(f"start_timestamp must be >= 0, got {self.start_timestamp}")
+            raise ParamsError(f"start_timestamp must be >= 0, got {self.start_timestamp}")
         if self.span_days < 1:
-            raise ValueError(f"span_days must be >= 1, got {self.span_days}")
+            raise ParamsError(f"span_days must be >= 1, got {self.span_days}")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0 (numpy SeedSequence), got {self.seed}")
+            raise ParamsError(f"seed must be >= 0 (numpy SeedSequence), got {self.seed}")
 
 
 class _Catalogue(NamedTuple):

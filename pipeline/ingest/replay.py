@@ -29,9 +29,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipeline.data.download import download
+from pipeline.errors import BadInputError
 from pipeline.ingest.store import merge
 from pipeline.io import write_bytes_atomic
-from pipeline.params import CustomSourceParams, Params
+from pipeline.params import CustomSourceParams, Params, ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,12 @@ def replay(
 ) -> ReplayResult:
     """Split ``params.data.dataset`` at ``cut`` (UTC midnight): before -> store, ``[cut, until)`` -> inbox files."""
     if period not in PERIOD_DAYS:
-        raise ValueError(f"period must be one of {', '.join(PERIOD_DAYS)}, got {period!r}")
+        raise ParamsError(f"period must be one of {', '.join(PERIOD_DAYS)}, got {period!r}")
     scratch = Path(params.retrain.work_dir) / "replay" / params.data.dataset
     outputs = download(dataclasses.replace(params.data, interim_dir=str(scratch)))
     manifest = json.loads(outputs.manifest.read_text())
     if not manifest["has_timestamps"]:
-        raise ValueError(
+        raise BadInputError(
             f"{params.data.dataset}: this copy has no real timestamps (its order comes from line positions), so it "
             "cannot be replayed by date; use a source with timestamps (ml-100k, ml-1m, synthetic, raw Beauty reviews)"
         )

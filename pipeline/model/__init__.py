@@ -2,15 +2,35 @@
 
 ``build_model(cfg, num_items)`` returns a :class:`SequentialRecommender` with ``training_loss``, ``score_next``
 and ``routing``; see :mod:`pipeline.model.base` for the contract.
+
+The names below load on first use (PEP 562): the parameter loader imports :mod:`pipeline.model.config`, and the
+stages that never touch a network (download, ingest, the CLI's error paths) should not pay torch's import.
 """
 
 from __future__ import annotations
 
-from pipeline.model.base import LossOutput, SequentialRecommender
-from pipeline.model.config import ModelConfig, MoEConfig
-from pipeline.model.gru4rec import GRU4Rec
-from pipeline.model.moe import HybridMoE, MoEAux, warmup_weight
-from pipeline.model.transformer import BERT4Rec, HyMoERec
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.model.base import LossOutput, SequentialRecommender
+    from pipeline.model.config import ModelConfig, MoEConfig
+    from pipeline.model.gru4rec import GRU4Rec
+    from pipeline.model.moe import HybridMoE, MoEAux, warmup_weight
+    from pipeline.model.transformer import BERT4Rec, HyMoERec
+
+_HOMES = {
+    "LossOutput": "base",
+    "SequentialRecommender": "base",
+    "ModelConfig": "config",
+    "MoEConfig": "config",
+    "GRU4Rec": "gru4rec",
+    "HybridMoE": "moe",
+    "MoEAux": "moe",
+    "warmup_weight": "moe",
+    "BERT4Rec": "transformer",
+    "HyMoERec": "transformer",
+}
 
 __all__ = [
     "BERT4Rec",
@@ -27,8 +47,17 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build_model(cfg: ModelConfig, num_items: int) -> SequentialRecommender:
     """Validate ``cfg`` and build the model it names for items 1..num_items (0 = padding)."""
+    from pipeline.model.gru4rec import GRU4Rec
+    from pipeline.model.transformer import BERT4Rec, HyMoERec
+
     cfg.validate()
     if cfg.kind == "hymoerec":
         return HyMoERec(cfg, num_items)

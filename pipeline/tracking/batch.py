@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.preprocess import PreprocessOutputs, read_id_map
+from pipeline.errors import PipelineError
 from pipeline.io import write_parquet_atomic
 from pipeline.params import Params
 
@@ -95,5 +96,5 @@ def _predictor(params: Params, model_uri: str | None) -> tuple[Callable[[pd.Data
     try:
         model = tracking.call(f"load {uri}", mlflow.pyfunc.load_model, uri)
     except MlflowException as err:
-        raise ValueError(f"cannot load {uri} from {tracking.uri}: {err.message}; run `dvc repro` first") from err
+        raise PipelineError(f"cannot load {uri} from {tracking.uri}: {err.message}; run `dvc repro` first") from err
     return model.predict, uri

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pipeline.errors import PipelineError
 from pipeline.params import Params
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_E
 T = TypeVar("T")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(PipelineError, RuntimeError):
     """MLflow could not be reached (after retries) or refused an operation; the message names the URI."""
 
 

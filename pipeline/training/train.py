@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.data.preprocess import PreprocessOutputs
+from pipeline.errors import BadInputError
 from pipeline.evaluation.metrics import summarise
 from pipeline.evaluation.ranking import rank_split
 from pipeline.io import atomic_path, file_digest, write_bytes_atomic, write_json_atomic
@@ -69,7 +70,7 @@ class TrainState:
 
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+        raise ParamsError("train.device is 'cuda' but no CUDA device is available: set train.device to auto or cpu")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
@@ -128,7 +129,7 @@ def _train(params: Params, run: RunLogger, fingerprint: str) -> TrainOutputs:
     sequences = training_sequences(pq.read_table(splits.train), params.model.max_seq_len, cfg.windows)
     valid = eval_split(pq.read_table(splits.valid), params.model.max_seq_len)
     if len(sequences.inputs) == 0:
-        raise ValueError("no training sequence has two or more items: nothing to learn from")
+        raise BadInputError("no training sequence has two or more items: nothing to learn from")
 
     seed_everything(cfg.seed)
     model = build_model(params.model, n_items).to(device)
