@@ -19,12 +19,13 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.data.download import download
+from pipeline.data.events import AFTER_WINDOW
 from pipeline.data.quarantine import BadInputError
 from pipeline.ingest.inbox import collect, file_day
 from pipeline.ingest.replay import replay
 from pipeline.ingest.retrain import Interval, training_overrides
 from pipeline.ingest.store import STORE_SCHEMA, count_events, merge, partition_files, read_store
-from pipeline.ingest.validate import DUPLICATE_REASON, FUTURE_REASON, BatchOutputs, validate_logs
+from pipeline.ingest.validate import DUPLICATE_REASON, BatchOutputs, validate_logs
 from pipeline.model import build_model
 from pipeline.params import CustomSourceParams, Params, load_params
 from pipeline.training.train import TrainOutputs, train, warm_start
@@ -171,9 +172,9 @@ def test_validate_quarantines_bad_rows_with_reasons_and_keeps_the_good(tmp_path:
     quarantine = pd.read_csv(outputs.quarantine)
     assert sorted(zip(quarantine["line"], quarantine["reason"], strict=True)) == [
         (0, DUPLICATE_REASON),  # found after parsing: line 0, the parsed values as raw text
-        (0, FUTURE_REASON),
         (43, "missing item_id"),
         (44, "bad timestamp"),
+        (45, AFTER_WINDOW),  # the reader's window: the row's own line number
         (46, "expected 3 fields, got 4"),
     ]
     assert (quarantine["source"] == str(csv)).all()

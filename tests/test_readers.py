@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.data.events import BEFORE_WINDOW
 from pipeline.data.quarantine import QUARANTINE_COLUMNS, BadInputError, ReadResult
 from pipeline.data.readers import read_custom, read_delimited, read_jsonl, read_user_sequences, resolve_files
 from tests.conftest import write_text
@@ -99,7 +100,7 @@ def test_u_data_tab_separated(tmp_path: Path) -> None:
     assert {line: reason for line, (reason, _) in bad_by_line(result).items()} == {
         2: "expected 4 fields, got 1",
         4: "missing item_id",
-        5: "bad timestamp (negative)",
+        5: BEFORE_WINDOW,
         6: "bad timestamp",
     }
     assert bad_by_line(result)[4][1] == "244\t\t2\t880606923"

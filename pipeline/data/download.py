@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import pandas as pd
 import pyarrow as pa
 
+from pipeline.data.events import TimestampWindow
 from pipeline.data.fetch import fetch, parse_checksum
 from pipeline.data.quarantine import (
     BadInputError,
@@ -28,13 +29,14 @@ from pipeline.data.quarantine import (
 )
 from pipeline.data.readers import read_custom, resolve_files
 from pipeline.data.registry import DatasetSpec, Layout, get_spec
+from pipeline.errors import PipelineError
 from pipeline.io import file_digest, write_json_atomic, write_parquet_atomic
 from pipeline.params import MIRROR_ENV, CustomSourceParams, DataParams
 
 log = logging.getLogger(__name__)
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(PipelineError, RuntimeError):
     """No mirror copy and the official source cannot be reached."""
 
 
@@ -94,7 +96,7 @@ def obtain(spec: DatasetSpec, data: DataParams) -> tuple[ReadResult, dict[str, A
     if mirror is not None:
         if not mirror.is_dir():
             raise DatasetUnavailable(f"the data mirror {mirror} (from ${MIRROR_ENV} or data.mirror) is not a folder")
-        found = _from_mirror(spec, mirror, layouts, allow_archive=data.beauty_source in ("auto", "raw"))
+        found = _from_mirror(spec, mirror, layouts, data)
         if found is not None:
             return found
         log.info("mirror %s holds no copy of %s; trying the official source", mirror, spec.name)
@@ -115,7 +117,7 @@ def obtain(spec: DatasetSpec, data: DataParams) -> tuple[ReadResult, dict[str, A
         backoff_s=data.download.backoff_s,
         timeout_s=data.download.timeout_s,
     )
-    result = spec.read_archive([fetched.path])
+    result = spec.read_archive([fetched.path], timestamp_window(data))
     files = [_file_record(fetched.path, spec.checksum, sha256=fetched.sha256)]
     kind = "download" if fetched.downloaded else "cache"
     return result, {"kind": kind, "url": spec.url, "layout": "official", "complete": True, "files": files}
@@ -128,9 +130,9 @@ def _allowed_layouts(spec: DatasetSpec, data: DataParams) -> tuple[Layout, ...]:
 
 
 def _from_mirror(
-    spec: DatasetSpec, mirror: Path, layouts: tuple[Layout, ...], allow_archive: bool
+    spec: DatasetSpec, mirror: Path, layouts: tuple[Layout, ...], data: DataParams
 ) -> tuple[ReadResult, dict[str, Any]] | None:
-    if allow_archive and spec.archive:
+    if data.beauty_source in ("auto", "raw") and spec.archive:
         for candidate in (mirror / spec.archive, mirror / spec.name / spec.archive):
             if candidate.is_file():
                 record = _file_record(candidate, spec.checksum)
@@ -140,7 +142,7 @@ def _from_mirror(
                     )
                 log.info("using the official archive from the mirror: %s", candidate)
                 source = {"kind": "mirror", "layout": "official", "complete": True, "files": [record]}
-                return spec.read_archive([candidate]), source
+                return spec.read_archive([candidate], timestamp_window(data)), source
     for layout in layouts:
         paths = [mirror / f for f in layout.files]
         if all(p.is_file() for p in paths):
@@ -155,7 +157,7 @@ def _from_mirror(
                 "note": layout.note,
                 "files": [_file_record(p, None) for p in paths],
             }
-            return layout.read(paths), source
+            return layout.read(paths, timestamp_window(data)), source
     return None
 
 
@@ -187,7 +189,14 @@ def _file_record(path: Path, checksum: str | None, sha256: str | None = None) ->
     return record
 
 
-def read_custom_source(custom: CustomSourceParams, path: str | None = None) -> ReadResult:
+def timestamp_window(data: DataParams, now: float | None = None) -> TimestampWindow:
+    """``data.timestamps`` as the window every reader checks event times against."""
+    return TimestampWindow(*data.timestamps.window(now))
+
+
+def read_custom_source(
+    custom: CustomSourceParams, path: str | None = None, window: TimestampWindow | None = None
+) -> ReadResult:
     """Read ``path`` (default ``data.custom.path``) with the column mapping and event filter of ``data.custom``."""
     return read_custom(
         path or custom.path,
@@ -196,12 +205,13 @@ def read_custom_source(custom: CustomSourceParams, path: str | None = None) -> R
         delimiter=custom.csv_delimiter,
         event_col=custom.event_col,
         event_types=custom.event_types,
+        window=window,
     )
 
 
 def _custom(data: DataParams) -> tuple[ReadResult, dict[str, Any]]:
     custom = data.custom
-    result = read_custom_source(custom)
+    result = read_custom_source(custom, window=timestamp_window(data))
     if custom.until is not None:
         # e.g. a retraining interval: events merged later (by later intervals) must not leak into this one
         later = result.events["timestamp"] >= custom.until

@@ -5,45 +5,95 @@ otherwise), ``timestamp`` (int64) and an optional float ``rating``. Formats with
 ``user item`` pair format and the S3Rec ``user item item ...`` sequence format) use the position in the file as
 the timestamp: in those formats line order *is* time order, and a stable sort keeps it.
 
-Every reader is vectorised (pandas / pyarrow string kernels, no Python loop per event) and quarantines malformed
-rows with a reason instead of dropping them (see :mod:`pipeline.data.quarantine`).
+Every reader splits its file into fields and hands them to :func:`pipeline.data.events.validate_events`, the one
+place that types them, so download and ingest accept and refuse exactly the same rows. Readers are vectorised
+(pandas / pyarrow kernels, no Python loop per event on well-formed input) and quarantine malformed rows with a
+reason instead of dropping them (see :mod:`pipeline.data.quarantine`). Lines are physical lines: split at ``\\n``
+(a trailing ``\\r`` dropped), counted from 1; a line that is not valid text in the file's encoding is quarantined
+on its own and the rest of the file is read.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import json
 import logging
 import os
 import re
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from pipeline.data.events import TimestampWindow, bool_mask, validate_events
 from pipeline.data.quarantine import BadInputError, ReadResult, bad_rows_frame, empty_bad_rows
 
 log = logging.getLogger(__name__)
 
-CANONICAL = ["user_id", "item_id", "timestamp", "rating"]
+UNDECODABLE = "line is not valid {encoding} text"
+STRAY_CR = "carriage return inside the line"
+OPEN_QUOTE = 'unbalanced double quotes (an odd number of ")'
+LINE_COLUMN = "__hymoe_line__"  # the physical line number the CSV reader carries through pyarrow with every row
+MAX_SHOWN = 120  # characters of a file's content an error message may quote
+
+
+# --------------------------------------------------------------------------------------------------- raw text
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The file's bytes, gunzipped when it starts with the gzip magic (not judged by its name)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data[:2] != b"\x1f\x8b":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as err:
+        raise BadInputError(f"{path}: starts like a gzip file but cannot be decompressed ({err})") from err
+
+
+def read_text_lines(path: str | os.PathLike[str], encoding: str = "utf-8") -> tuple[pd.Series, pd.DataFrame]:
+    """Physical lines of a plain or gzip text file, and the quarantine rows of lines that do not decode.
+
+    An undecodable line comes back as ``""`` (so readers skip it like a blank line) and is quarantined with its
+    bytes shown escaped. A UTF-8 byte-order mark at the start is dropped.
+    """
+    data = read_bytes(path)
+    if encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig") and data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    chunks = data.split(b"\n")
+    if chunks and chunks[-1] == b"":
+        chunks.pop()  # the newline ending the last line does not start another
+    try:
+        lines = data.decode(encoding).split("\n")[: len(chunks)]
+        bad = empty_bad_rows()
+    except UnicodeDecodeError:
+        lines, numbers, raws = [], [], []
+        for number, chunk in enumerate(chunks, start=1):  # slow path: only for files with broken bytes
+            try:
+                lines.append(chunk.decode(encoding))
+            except UnicodeDecodeError:
+                lines.append("")
+                numbers.append(number)
+                raws.append(chunk.decode(encoding, errors="backslashreplace")[:MAX_SHOWN])
+        reason = UNDECODABLE.format(encoding=encoding)
+        bad = bad_rows_frame(str(path), pd.Series(numbers), pd.Series([reason] * len(numbers)), pd.Series(raws))
+    return pd.Series(lines, dtype="string").str.removesuffix("\r"), bad
+
+
+def read_lines(path: str | os.PathLike[str], encoding: str = "utf-8") -> pd.Series:
+    """All physical lines of a text file (undecodable ones as ``""``)."""
+    return read_text_lines(path, encoding)[0]
 
 
 # --------------------------------------------------------------------------------------------------- text formats
-def read_lines(path: str | os.PathLike[str], encoding: str = "utf-8") -> pd.Series:
-    """All lines of a plain or gzip text file (gzip detected by magic bytes, not by name)."""
-    with open(path, "rb") as handle:
-        magic = handle.read(2)
-    opener = gzip.open if magic == b"\x1f\x8b" else open
-    with opener(path, "rb") as handle:
-        text = handle.read().decode(encoding)
-    return pd.Series(text.splitlines(), dtype="string")
-
-
 def read_delimited(
     path: str | os.PathLike[str],
     fields: list[str],
@@ -51,6 +101,7 @@ def read_delimited(
     *,
     encoding: str = "utf-8",
     integer_ids: bool = True,
+    window: TimestampWindow | None = None,
 ) -> ReadResult:
     """Fixed-field text rows such as ``u.data`` (tab), ``ratings.dat`` (``::``) or SASRec pairs (whitespace).
 
@@ -58,26 +109,28 @@ def read_delimited(
     splits on runs of white space. Without a ``timestamp`` field the line order gives the time order.
     """
     source = str(path)
-    lines = read_lines(path, encoding)
+    lines, undecodable = read_text_lines(path, encoding)
     line_no = pd.Series(np.arange(1, len(lines) + 1), index=lines.index)
-    keep = lines.str.strip() != ""
+    keep = bool_mask(lines.str.strip() != "")
     lines, line_no = lines[keep], line_no[keep]
-    if lines.empty:
+    if lines.empty and undecodable.empty:
         raise BadInputError(f"{source} is empty: no interaction rows")
     normalised = lines.str.strip().str.replace(r"\s+", " ", regex=True) if sep is None else lines
     delimiter = " " if sep is None else sep
     n_fields = normalised.str.count(re.escape(delimiter)) + 1
-    wrong_count = n_fields != len(fields)
+    wrong_count = bool_mask(n_fields != len(fields))
     bad = [
+        undecodable,
         bad_rows_frame(
             source,
             line_no[wrong_count],
             "expected " + str(len(fields)) + " fields, got " + n_fields[wrong_count].astype("string"),
             lines[wrong_count],
-        )
+        ),
     ]
     good_lines = normalised[~wrong_count]
     parts = good_lines.str.split(delimiter, n=len(fields) - 1, expand=True, regex=False)
+    parts = parts.reindex(columns=range(len(fields)))  # no good line at all still gives every column
     parts.columns = fields
     if "timestamp" not in fields:
         parts["timestamp"] = pd.Series(np.arange(len(parts)), index=parts.index).astype("string")
@@ -88,14 +141,18 @@ def read_delimited(
         lines[~wrong_count],
         integer_ids=integer_ids,
         has_timestamps="timestamp" in fields,
-        total_rows=len(lines),
+        total_rows=len(lines) + len(undecodable),
+        window=window,
     )
     result.bad_rows = pd.concat([*bad, result.bad_rows], ignore_index=True).sort_values("line", kind="stable")
     return result
 
 
 def read_user_sequences(
-    path: str | os.PathLike[str], timestamps_path: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    timestamps_path: str | os.PathLike[str] | None = None,
+    *,
+    window: TimestampWindow | None = None,
 ) -> ReadResult:
     """One user per line, ``user item item ...`` in time order (S3Rec / TiCoSeRec ``*.txt`` format).
 
@@ -103,30 +160,30 @@ def read_user_sequences(
     a line whose lengths or user ids disagree between the two files is quarantined whole.
     """
     source = str(path)
-    lines = read_lines(path)
+    lines, undecodable = read_text_lines(path)
     line_no = pd.Series(np.arange(1, len(lines) + 1), index=lines.index)
-    keep = lines.str.strip() != ""
+    keep = bool_mask(lines.str.strip() != "")
     lines, line_no = lines[keep], line_no[keep]
-    if lines.empty:
+    if lines.empty and undecodable.empty:
         raise BadInputError(f"{source} is empty: no user sequences")
     tokens = lines.str.strip().str.split()
     reasons = pd.Series(pd.NA, index=lines.index, dtype="string")
-    reasons[tokens.str.len() < 2] = "a sequence line needs a user id and at least one item"
+    reasons[bool_mask(tokens.str.len() < 2)] = "a sequence line needs a user id and at least one item"
     stamps = None
     if timestamps_path is not None:
-        ts_lines = read_lines(timestamps_path)
-        if len(ts_lines) != len(line_no) + (~keep).sum():
+        ts_lines, _ = read_text_lines(timestamps_path)
+        if len(ts_lines) != len(keep):
             raise BadInputError(
                 f"{timestamps_path} has {len(ts_lines)} lines but {source} has {len(keep)}: they must align"
             )
-        stamps = ts_lines[keep.to_numpy()].set_axis(lines.index).str.strip().str.split()
-        mismatch = (stamps.str.len() != tokens.str.len()) | (stamps.str[0] != tokens.str[0])
-        reasons[mismatch & reasons.isna()] = f"length or user differs from {Path(timestamps_path).name}"
-    ok = reasons.isna()
+        stamps = ts_lines[keep].set_axis(lines.index).str.strip().str.split()
+        mismatch = bool_mask((stamps.str.len() != tokens.str.len()) | (stamps.str[0] != tokens.str[0]))
+        reasons[mismatch & bool_mask(reasons.isna())] = f"length or user differs from {Path(timestamps_path).name}"
+    ok = bool_mask(reasons.isna())
     bad = bad_rows_frame(source, line_no[~ok], reasons[~ok], lines[~ok])
     users = tokens[ok].str[0]
     items = tokens[ok].str[1:]
-    lengths = items.str.len().to_numpy()
+    lengths = items.str.len().to_numpy(dtype="int64")
     flat = pd.DataFrame(
         {
             "user_id": np.repeat(users.to_numpy(dtype=object), lengths),
@@ -134,7 +191,7 @@ def read_user_sequences(
         }
     )
     if stamps is not None:
-        flat["timestamp"] = np.concatenate(stamps[ok].str[1:].to_numpy())
+        flat["timestamp"] = np.concatenate(stamps[ok].str[1:].to_numpy()) if len(items) else np.array([], dtype=object)
     else:
         flat["timestamp"] = np.arange(len(flat))
     flat = flat.astype("string")
@@ -147,78 +204,132 @@ def read_user_sequences(
         flat_raw,
         integer_ids=True,
         has_timestamps=stamps is not None,
-        total_rows=int(lengths.sum()) + len(bad),
+        total_rows=int(lengths.sum()) + len(bad) + len(undecodable),
+        window=window,
     )
-    result.bad_rows = pd.concat([bad, result.bad_rows], ignore_index=True)
+    result.bad_rows = pd.concat([undecodable, bad, result.bad_rows], ignore_index=True)
     return result
 
 
 # --------------------------------------------------------------------------------------------------- JSON lines
-def read_jsonl(path: str | os.PathLike[str], columns: dict[str, str], *, integer_ids: bool = False) -> ReadResult:
+ID_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_null)
+FIELD_TYPES = {
+    "user_id": ID_TYPES,
+    "item_id": ID_TYPES,
+    "timestamp": (*ID_TYPES, pa.types.is_floating, pa.types.is_timestamp),
+    "rating": (*ID_TYPES, pa.types.is_floating),
+}
+
+
+def read_jsonl(
+    path: str | os.PathLike[str],
+    columns: dict[str, str],
+    *,
+    integer_ids: bool = False,
+    window: TimestampWindow | None = None,
+) -> ReadResult:
     """JSON lines (plain or gzip), e.g. Amazon reviews; ``columns`` maps canonical name -> JSON key.
 
-    pyarrow parses well-formed files in C; a file with a malformed line falls back to a per-line parse so the
-    bad lines can be quarantined with their numbers (the slow path only runs on broken input).
+    pyarrow parses well-formed files in C; a file with a malformed line, or whose mapped fields pyarrow typed as
+    anything but strings and numbers (a boolean id, a list), falls back to a per-line parse so each bad record is
+    quarantined with its line number and reason (the slow path only runs on broken input).
     """
     source = str(path)
-    fast = True
-    try:
-        with pa.input_stream(str(path), compression=_compression(path)) as stream:
-            table = pajson.read_json(stream)
-        frame = table.to_pandas()
-        missing = [key for key in columns.values() if key not in frame.columns]
-        if missing:
-            raise BadInputError(
-                f"{source}: required JSON key(s) {missing} absent from every record; keys seen: "
-                f"{sorted(frame.columns)} (set the column names in params.yaml)"
-            )
-        line_no = pd.Series(np.arange(1, len(frame) + 1))
-        raw = pd.Series(["<record>"] * len(frame))
-        parts = pd.DataFrame({canonical: frame[key] for canonical, key in columns.items()})
-        bad = empty_bad_rows()
-    except pa.ArrowInvalid:
-        fast = False
-        parts, line_no, raw, bad = _jsonl_slow(path, columns)
+    fast = _jsonl_fast(path, columns)
+    if fast is not None:
+        parts, bad, reasons = fast, empty_bad_rows(), None
+        line_no = pd.Series(np.arange(1, len(parts) + 1))
+        raw = pd.Series(["<record>"] * len(parts))
+    else:
+        parts, line_no, raw, bad, reasons = _jsonl_slow(path, columns)
     if len(parts) + len(bad) == 0:
         raise BadInputError(f"{source} is empty: no interaction records")
     result = validate_events(
         source,
-        _as_text(parts),
+        parts,
         line_no,
         raw,
         integer_ids=integer_ids,
         has_timestamps="timestamp" in columns,
         total_rows=len(parts) + len(bad),
+        window=window,
+        reasons=reasons,
     )
-    if fast:  # pyarrow numbered records, skipping blank lines, and kept no text
-        result.bad_rows = _locate_bad_rows(path, result.bad_rows, blank="whitespace")
+    if fast is not None:  # pyarrow numbered records, skipping blank lines, and kept no text
+        result.bad_rows = _locate_bad_rows(path, result.bad_rows)
     result.bad_rows = pd.concat([bad, result.bad_rows], ignore_index=True)
     return result
 
 
+def _jsonl_fast(path: str | os.PathLike[str], columns: dict[str, str]) -> pd.DataFrame | None:
+    """The mapped fields as text, parsed by pyarrow; None when the file needs the per-line path."""
+    try:
+        with pa.input_stream(str(path), compression=_compression(path)) as stream:
+            table = pajson.read_json(stream)
+    except (pa.ArrowInvalid, OSError):
+        return None
+    missing = [key for key in columns.values() if key not in table.column_names]
+    if missing and table.num_rows:
+        raise BadInputError(
+            f"{path}: required JSON key(s) {missing} absent from every record; keys seen: "
+            f"{_shown(table.column_names)} (set the column names in params.yaml)"
+        )
+    for canonical, key in columns.items():
+        kind = table.column(key).type if key in table.column_names else pa.null()
+        if not any(check(kind) for check in FIELD_TYPES.get(canonical, ID_TYPES)):
+            return None
+    return pd.DataFrame(
+        {
+            canonical: _arrow_to_text(table.column(key)) if key in table.column_names else pd.Series(dtype="string")
+            for canonical, key in columns.items()
+        }
+    )
+
+
 def _jsonl_slow(
     path: str | os.PathLike[str], columns: dict[str, str]
-) -> tuple[pd.DataFrame, pd.Series, pd.Series, pd.DataFrame]:
-    lines = read_lines(path)
-    records, numbers, raws, bad_lines, bad_reasons, bad_raw = [], [], [], [], [], []
-    for number, line in enumerate(lines, start=1):
+) -> tuple[pd.DataFrame, pd.Series, pd.Series, pd.DataFrame, pd.Series]:
+    lines, undecodable = read_text_lines(path)
+    records, numbers, raws, verdicts, bad_lines, bad_reasons, bad_raw = [], [], [], [], [], [], []
+    for number, line in enumerate(lines.fillna(""), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             bad_lines.append(number)
             bad_reasons.append(f"unparsable JSON: {str(err)[:80]}")
             bad_raw.append(line)
             continue
-        records.append({canonical: record.get(key) for canonical, key in columns.items()})
+        texts = {canonical: _json_field_text(canonical, record.get(key)) for canonical, key in columns.items()}
+        verdicts.append(next((t for t in texts.values() if isinstance(t, _WrongType)), None))
+        records.append({c: None if isinstance(t, _WrongType) else t for c, t in texts.items()})
         numbers.append(number)
         raws.append(line)
     bad = bad_rows_frame(str(path), pd.Series(bad_lines), pd.Series(bad_reasons), pd.Series(bad_raw))
-    frame = pd.DataFrame.from_records(records, columns=list(columns))
-    return frame, pd.Series(numbers), pd.Series(raws), bad
+    frame = pd.DataFrame.from_records(records, columns=list(columns)).astype("string")
+    reasons = pd.Series([str(v) if v is not None else pd.NA for v in verdicts], dtype="string")
+    return frame, pd.Series(numbers), pd.Series(raws), pd.concat([undecodable, bad], ignore_index=True), reasons
+
+
+class _WrongType(str):
+    """A verdict: this JSON field has a type that cannot be the canonical field."""
+
+
+def _json_field_text(canonical: str, value: Any) -> str | None:
+    """A JSON value as the text the shared validation parses; ids must be strings or integers."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and canonical in ("timestamp", "rating"):
+        return repr(value)
+    wanted = "a string or an integer" if canonical in ("user_id", "item_id") else "a number or a string"
+    return _WrongType(f"{canonical} is a JSON {type(value).__name__}, expected {wanted}")
 
 
 # --------------------------------------------------------------------------------------------------- custom logs
@@ -230,6 +341,7 @@ def read_custom(
     delimiter: str = ",",
     event_col: str | None = None,
     event_types: list[str] | None = None,
+    window: TimestampWindow | None = None,
 ) -> ReadResult:
     """A user's own logs: one file, a folder or a glob of csv / parquet / jsonl (optionally gzip).
 
@@ -240,7 +352,7 @@ def read_custom(
     wanted = dict(columns)
     if event_col:
         wanted["event"] = event_col
-    results = [_read_custom_file(f, wanted, fmt, delimiter) for f in files]
+    results = [_read_custom_file(f, wanted, fmt, delimiter, window) for f in files]
     events = pd.concat([r.events for r in results], ignore_index=True)
     bad = pd.concat([r.bad_rows for r in results], ignore_index=True)
     total = sum(r.total_rows for r in results)
@@ -266,95 +378,151 @@ def resolve_files(path_spec: str) -> list[Path]:
     return files
 
 
-def _read_custom_file(path: Path, columns: dict[str, str], fmt: str, delimiter: str) -> ReadResult:
+def _read_custom_file(
+    path: Path, columns: dict[str, str], fmt: str, delimiter: str, window: TimestampWindow | None
+) -> ReadResult:
     kind = _format_of(path) if fmt == "auto" else fmt
     if kind is None:
         raise BadInputError(f"{path}: cannot tell the format from the name; set data.custom.format")
     if kind == "jsonl":
-        return read_jsonl(path, columns, integer_ids=False)
-    if kind == "parquet":
-        try:
-            schema = pq.read_schema(path)
-        except pa.ArrowInvalid as err:  # e.g. an empty file: say which one
-            raise BadInputError(f"{path} is not a readable Parquet file ({err})") from err
-        _require_columns(path, columns, schema.names)
-        table = pq.read_table(path, columns=list(dict.fromkeys(columns.values())))
-        frame = pd.DataFrame({c: _arrow_to_text(table.column(k)) for c, k in columns.items()})
-        line_no = pd.Series(np.arange(1, len(frame) + 1))
-        return validate_events(
-            str(path),
-            frame,
-            line_no,
-            pd.Series(["<parquet row>"] * len(frame)),
-            integer_ids=False,
-            has_timestamps=True,
-            total_rows=len(frame),
-        )
-    return _read_csv(path, columns, delimiter)
-
-
-def _read_csv(path: Path, columns: dict[str, str], delimiter: str) -> ReadResult:
-    invalid: list[tuple[int, str, str]] = []
-
-    def on_invalid(row: pacsv.InvalidRow) -> str:
-        reason = f"expected {row.expected_columns} fields, got {row.actual_columns}"
-        invalid.append((row.number or -1, reason, row.text))
-        return "skip"
-
-    if path.stat().st_size == 0:
-        raise BadInputError(f"{path} is empty: no header and no rows")
-    skip_all = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=lambda row: "skip")
-    with pacsv.open_csv(path, parse_options=skip_all) as stream:
-        header = stream.schema.names
-    _require_columns(path, columns, header)
-    ignored = sorted(set(header) - set(columns.values()))
-    if ignored:
-        log.info("%s: ignoring columns %s (not mapped in data.custom)", path, ignored)
-    table = pacsv.read_csv(
-        path,
-        read_options=pacsv.ReadOptions(use_threads=False),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
-        convert_options=pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in header},
-            include_columns=list(dict.fromkeys(columns.values())),
-            strings_can_be_null=True,
-        ),
-    )
-    frame = pd.DataFrame({c: table.column(k).to_pandas().astype("string") for c, k in columns.items()})
-    # line numbers: header is line 1; skipped invalid rows shift the good rows after them
-    line_no = np.arange(len(frame)) + 2
-    for number in sorted(n for n, _, _ in invalid if n > 0):
-        line_no[line_no >= number] += 1
-    raw = frame.fillna("").agg(delimiter.join, axis=1) if len(frame) else pd.Series([], dtype="string")
-    result = validate_events(
-        str(path),
-        frame,
-        pd.Series(line_no),
-        raw,
-        integer_ids=False,
-        has_timestamps=True,
-        total_rows=len(frame) + len(invalid),
-    )
-    if invalid:
-        numbers, reasons, texts = zip(*invalid, strict=True)
-        bad = bad_rows_frame(str(path), pd.Series(numbers), pd.Series(reasons), pd.Series(texts))
-        result.bad_rows = pd.concat([bad, result.bad_rows], ignore_index=True).sort_values("line", kind="stable")
-    result.bad_rows = _locate_bad_rows(path, result.bad_rows, blank="empty")
+        result = read_jsonl(path, columns, integer_ids=False, window=window)
+    elif kind == "parquet":
+        result = _read_parquet(path, columns, window)
+    else:
+        result = _read_csv(path, columns, delimiter, window)
+    if result.total_rows == 0:
+        log.warning("%s holds no rows (a header or schema only): nothing read from it", path)
     return result
 
 
-def _locate_bad_rows(path: str | os.PathLike[str], bad: pd.DataFrame, blank: str) -> pd.DataFrame:
-    """Turn pyarrow's row numbers into physical line numbers and attach each bad row's raw line.
+def _read_parquet(path: Path, columns: dict[str, str], window: TimestampWindow | None) -> ReadResult:
+    try:
+        schema = pq.read_schema(path)
+        _require_columns(path, columns, schema.names)
+        table = pq.read_table(path, columns=list(dict.fromkeys(columns.values())))
+        frame = pd.DataFrame({c: _arrow_to_text(table.column(k)) for c, k in columns.items()})
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:  # not Parquet, or a column of lists
+        raise BadInputError(f"{path} is not a readable Parquet log of ids and times ({_shown(err)})") from err
+    return validate_events(
+        str(path),
+        frame,
+        pd.Series(np.arange(1, len(frame) + 1)),
+        pd.Series(["<parquet row>"] * len(frame)),
+        integer_ids=False,
+        has_timestamps=True,
+        total_rows=len(frame),
+        window=window,
+    )
 
-    pyarrow's CSV and JSON readers do not count the blank lines they skip (``blank``: ``"empty"`` lines for CSV,
-    ``"whitespace"``-only lines for JSON), so on a file with blank lines their numbers point at the wrong line.
-    The text is re-read only when there are bad rows, which keeps clean files on the fast path.
+
+def _read_csv(path: Path, columns: dict[str, str], delimiter: str, window: TimestampWindow | None) -> ReadResult:
+    """A CSV log: pyarrow parses it in C, with each row's physical line number carried in an extra first column.
+
+    Numbering the lines ourselves (rather than counting pyarrow's rows) keeps quarantine line numbers right
+    whatever the file holds, and the invalid-row callback never raises: a Python exception inside a pyarrow
+    callback can abort the whole process.
+    """
+    if len(delimiter) != 1 or delimiter in '\r\n"':
+        raise BadInputError(f"data.custom.csv_delimiter must be one character, not a quote or newline: {delimiter!r}")
+    lines, undecodable = read_text_lines(path)
+    filled = bool_mask(lines.str.len() > 0)  # pyarrow skips empty lines, so they are not rows
+    if not filled.any() and not undecodable.empty:
+        raise BadInputError(f"{path} is not UTF-8 text: none of its {len(undecodable)} line(s) decodes (binary?)")
+    if not filled.any():
+        raise BadInputError(f"{path} has no header: it is empty or holds only blank lines")
+    header_at = int(np.flatnonzero(filled)[0])
+    if not undecodable.empty and int(undecodable["line"].min()) <= header_at + 1:
+        raise BadInputError(f"{path}: the header (line {int(undecodable['line'].min())}) is not valid UTF-8 text")
+    header = _csv_header(path, lines.iloc[header_at], delimiter)
+    _require_columns(path, columns, header)
+    ignored = sorted(set(header) - set(columns.values()))
+    if ignored:
+        log.info("%s: ignoring columns %s (not mapped in data.custom)", path, _shown(ignored))
+    body = np.flatnonzero(filled)[1:]
+    # rows pyarrow would split (a lone \r ends a row) or join with the next line (an open quote): quarantined
+    # before parsing, so one broken line never takes a good one with it
+    candidates = lines.iloc[body]
+    stray = body[bool_mask(candidates.str.contains("\r", regex=False))]
+    open_quote = body[bool_mask(candidates.str.count('"') % 2 == 1)]
+    open_quote = np.setdiff1d(open_quote, stray)
+    body = np.setdiff1d(body, np.union1d(stray, open_quote))
+    invalid: list[tuple[int, str]] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        try:
+            number = int(row.text.split(delimiter, 1)[0])
+            invalid.append((number, f"expected {row.expected_columns - 1} fields, got {row.actual_columns - 1}"))
+        except Exception:  # noqa: BLE001 - never raise inside pyarrow's callback
+            invalid.append((-1, "unparsable row"))
+        return "skip"
+
+    numbered = pd.Series(body + 1).astype("string") + delimiter + lines.iloc[body].reset_index(drop=True)
+    payload = (f'"{LINE_COLUMN}"{delimiter}{lines.iloc[header_at]}\n' + "\n".join(numbered.tolist())).encode()
+    wanted = list(dict.fromkeys(columns.values()))
+    try:
+        table = pacsv.read_csv(
+            pa.BufferReader(payload),
+            read_options=pacsv.ReadOptions(use_threads=False, block_size=max(1 << 20, 2 * _longest(lines))),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(
+                column_types={LINE_COLUMN: pa.int64(), **{name: pa.string() for name in header}},
+                include_columns=[LINE_COLUMN, *wanted],
+                strings_can_be_null=True,
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise BadInputError(f"{path} is not a readable CSV log ({_shown(err)})") from err
+    frame = pd.DataFrame({c: _arrow_to_text(table.column(k)) for c, k in columns.items()})
+    line_no = pd.Series(table.column(LINE_COLUMN).to_numpy())
+    raw = lines.iloc[line_no.to_numpy() - 1].reset_index(drop=True)
+    result = validate_events(
+        str(path),
+        frame,
+        line_no,
+        raw,
+        integer_ids=False,
+        has_timestamps=True,
+        total_rows=len(frame) + len(invalid) + len(stray) + len(open_quote) + len(undecodable),
+        window=window,
+    )
+    numbers = [n for n, _ in invalid]
+    raw_invalid = [lines.iloc[n - 1] if 0 < n <= len(lines) else "" for n in numbers]
+    rejected = [
+        undecodable,
+        bad_rows_frame(str(path), pd.Series(stray + 1), pd.Series([STRAY_CR] * len(stray)), lines.iloc[stray]),
+        bad_rows_frame(
+            str(path), pd.Series(open_quote + 1), pd.Series([OPEN_QUOTE] * len(open_quote)), lines.iloc[open_quote]
+        ),
+        bad_rows_frame(str(path), pd.Series(numbers), pd.Series([r for _, r in invalid]), pd.Series(raw_invalid)),
+    ]
+    result.bad_rows = pd.concat([*rejected, result.bad_rows], ignore_index=True).sort_values("line", kind="stable")
+    return result
+
+
+def _csv_header(path: Path, line: str, delimiter: str) -> list[str]:
+    """Column names of a CSV header line, parsed by pyarrow exactly as the rows will be."""
+    try:
+        table = pacsv.read_csv(
+            pa.BufferReader(line.encode() + b"\n"),
+            read_options=pacsv.ReadOptions(use_threads=False, block_size=max(1 << 20, 2 * len(line))),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise BadInputError(f"{path}: the header line cannot be parsed as CSV ({_shown(err)})") from err
+    return table.column_names
+
+
+def _locate_bad_rows(path: str | os.PathLike[str], bad: pd.DataFrame) -> pd.DataFrame:
+    """Turn pyarrow's JSON record numbers into physical line numbers and attach each bad row's raw line.
+
+    pyarrow's JSON reader does not count the whitespace-only lines it skips, so on a file with blank lines its
+    numbers point at the wrong line. The text is re-read only when there are bad rows, which keeps clean files on
+    the fast path.
     """
     if bad.empty:
         return bad
     lines = read_lines(path)
-    skipped = (lines.str.len() == 0) if blank == "empty" else (lines.str.strip() == "")
-    physical = np.flatnonzero(~skipped.to_numpy()) + 1  # k-th counted row (1-based) -> line number
+    physical = np.flatnonzero(bool_mask(lines.str.strip() != "")) + 1  # k-th counted record (1-based) -> line number
     counted = bad["line"].to_numpy(dtype="int64")
     known = (counted >= 1) & (counted <= len(physical))
     bad = bad.copy()
@@ -371,71 +539,9 @@ def _require_columns(path: Path, columns: dict[str, str], present: list[str]) ->
     missing = [f"{key} (for {canonical})" for canonical, key in columns.items() if key not in present]
     if missing:
         raise BadInputError(
-            f"{path}: missing column(s) {', '.join(missing)}; columns present: {present}. "
-            "Map yours with data.custom.user_col / item_col / timestamp_col / rating_col."
+            f"{path}: missing column(s) {', '.join(missing)}; columns present: {_shown(present)}. "
+            "Map yours with data.custom.user_col / item_col / timestamp_col / rating_col (and csv_delimiter)."
         )
-
-
-# --------------------------------------------------------------------------------------------------- validation
-def validate_events(
-    source: str,
-    parts: pd.DataFrame,
-    line_no: pd.Series,
-    raw: pd.Series,
-    *,
-    integer_ids: bool,
-    has_timestamps: bool,
-    total_rows: int,
-) -> ReadResult:
-    """Type-check text columns row by row (vectorised) and split them into good events and quarantined rows."""
-    parts = parts.reset_index(drop=True)
-    line_no = pd.Series(np.asarray(line_no), dtype="int64")
-    raw = pd.Series(np.asarray(raw, dtype=object), dtype="string")
-    reason = pd.Series(pd.NA, index=parts.index, dtype="string")
-
-    def flag(mask: pd.Series, text: str) -> None:
-        reason[mask.fillna(False).to_numpy() & reason.isna().to_numpy()] = text
-
-    out: dict[str, pd.Series] = {}
-    for col in ("user_id", "item_id"):
-        values = parts[col].astype("string").str.strip()
-        flag(values.isna() | (values == ""), f"missing {col}")
-        if integer_ids:
-            numeric = pd.to_numeric(values, errors="coerce")
-            flag(
-                values.notna() & (values != "") & (numeric.isna() | (numeric % 1 != 0)),
-                f"{col} is not an integer",
-            )
-            out[col] = numeric
-        else:
-            out[col] = values
-    stamps = parts["timestamp"].astype("string").str.strip()
-    flag(stamps.isna() | (stamps == ""), "missing timestamp")
-    seconds = pd.to_numeric(stamps, errors="coerce")
-    textual = seconds.isna() & stamps.notna() & (stamps != "")
-    if textual.any():
-        parsed = pd.to_datetime(stamps[textual], errors="coerce", utc=True, format="mixed")
-        seconds[textual] = (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-    flag(stamps.notna() & (stamps != "") & (seconds.isna() | (seconds % 1 != 0)), "bad timestamp")
-    flag(seconds < 0, "bad timestamp (negative)")
-    out["timestamp"] = seconds
-    if "rating" in parts:
-        rating_text = parts["rating"].astype("string").str.strip()
-        rating = pd.to_numeric(rating_text, errors="coerce")
-        flag(rating_text.notna() & (rating_text != "") & rating.isna(), "rating is not a number")
-        out["rating"] = rating
-    good = reason.isna().to_numpy()
-    events = pd.DataFrame({name: values[good] for name, values in out.items()}).reset_index(drop=True)
-    if integer_ids:
-        events["user_id"] = events["user_id"].astype("int64")
-        events["item_id"] = events["item_id"].astype("int64")
-    events["timestamp"] = events["timestamp"].astype("int64")
-    if "rating" in events:
-        events["rating"] = events["rating"].astype("float32")
-    for extra in parts.columns.difference([*CANONICAL]):
-        events[extra] = parts[extra][good].reset_index(drop=True)
-    bad = bad_rows_frame(source, line_no[~good], reason[~good], raw[~good])
-    return ReadResult(events, bad, total_rows, has_timestamps)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -459,8 +565,14 @@ def _compression(path: str | os.PathLike[str]) -> str | None:
         return "gzip" if handle.read(2) == b"\x1f\x8b" else None
 
 
-def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.apply(lambda col: col.astype("string"))
+def _longest(lines: pd.Series) -> int:
+    return int(lines.str.len().max()) if len(lines) else 0
+
+
+def _shown(value: object) -> str:
+    """``value`` as text short enough for an error message (a file's content is never echoed whole)."""
+    text = str(value)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + f"... ({len(text)} characters)"
 
 
 def _arrow_to_text(column: pa.ChunkedArray) -> pd.Series:
@@ -468,5 +580,7 @@ def _arrow_to_text(column: pa.ChunkedArray) -> pd.Series:
         # safe=False: sub-second precision (ms, us, ns are the norm in logs) is truncated to whole seconds
         seconds = column.cast(pa.timestamp("s", tz=column.type.tz), safe=False).cast(pa.int64())
         return seconds.to_pandas().astype("string")
+    if pa.types.is_floating(column.type):  # NaN is a missing value, not the id or time "nan"
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
     # cast in Arrow: via pandas, an integer column with a null becomes float and its ids "1.0" instead of "1"
     return column.cast(pa.string()).to_pandas().astype("string")

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.data.events import TimestampWindow
 from pipeline.data.quarantine import BadInputError, ReadResult
 from pipeline.data.readers import read_delimited, read_jsonl, read_user_sequences
 
-Reader = Callable[[list[Path]], ReadResult]
+Reader = Callable[[list[Path], TimestampWindow], ReadResult]  # files, valid event times -> events
 
 
 @dataclass(frozen=True)
@@ -56,29 +57,30 @@ def _zip_member(archive: Path, member: str) -> Path:
     return target
 
 
-def _ml1m_ratings(paths: list[Path]) -> ReadResult:
-    return read_delimited(paths[0], ["user_id", "item_id", "rating", "timestamp"], "::", encoding="latin-1")
+def _ml1m_ratings(paths: list[Path], window: TimestampWindow) -> ReadResult:
+    fields = ["user_id", "item_id", "rating", "timestamp"]
+    return read_delimited(paths[0], fields, "::", encoding="latin-1", window=window)
 
 
-def _ml100k_ratings(paths: list[Path]) -> ReadResult:
-    return read_delimited(paths[0], ["user_id", "item_id", "rating", "timestamp"], "\t")
+def _ml100k_ratings(paths: list[Path], window: TimestampWindow) -> ReadResult:
+    return read_delimited(paths[0], ["user_id", "item_id", "rating", "timestamp"], "\t", window=window)
 
 
-def _sasrec_pairs(paths: list[Path]) -> ReadResult:
-    return read_delimited(paths[0], ["user_id", "item_id"], None)
+def _sasrec_pairs(paths: list[Path], window: TimestampWindow) -> ReadResult:
+    return read_delimited(paths[0], ["user_id", "item_id"], None, window=window)
 
 
-def _amazon_reviews(paths: list[Path]) -> ReadResult:
+def _amazon_reviews(paths: list[Path], window: TimestampWindow) -> ReadResult:
     columns = {"user_id": "reviewerID", "item_id": "asin", "rating": "overall", "timestamp": "unixReviewTime"}
-    return read_jsonl(paths[0], columns, integer_ids=False)
+    return read_jsonl(paths[0], columns, integer_ids=False, window=window)
 
 
-def _sequences(paths: list[Path]) -> ReadResult:
-    return read_user_sequences(paths[0])
+def _sequences(paths: list[Path], window: TimestampWindow) -> ReadResult:
+    return read_user_sequences(paths[0], window=window)
 
 
-def _sequences_with_time(paths: list[Path]) -> ReadResult:
-    return read_user_sequences(paths[0], timestamps_path=paths[1])
+def _sequences_with_time(paths: list[Path], window: TimestampWindow) -> ReadResult:
+    return read_user_sequences(paths[0], timestamps_path=paths[1], window=window)
 
 
 ML1M_PARTIAL_NOTE = (
@@ -92,7 +94,7 @@ REGISTRY: dict[str, DatasetSpec] = {
         url="https://files.grouplens.org/datasets/movielens/ml-1m.zip",
         archive="ml-1m.zip",
         checksum="md5:c4d9eecfca2ab87c1945afe126590906",  # GroupLens ml-1m.zip.md5
-        read_archive=lambda p: _ml1m_ratings([_zip_member(p[0], "ml-1m/ratings.dat")]),
+        read_archive=lambda p, window: _ml1m_ratings([_zip_member(p[0], "ml-1m/ratings.dat")], window),
         mirror_layouts=(
             Layout("ratings.dat", ("ml-1m/ratings.dat",), _ml1m_ratings),
             Layout("sasrec-full", ("ml-1m/ml-1m.txt",), _sasrec_pairs),
@@ -111,7 +113,7 @@ REGISTRY: dict[str, DatasetSpec] = {
         url="https://files.grouplens.org/datasets/movielens/ml-100k.zip",
         archive="ml-100k.zip",
         checksum="md5:0e33842e24a9c977be4e0107933c0723",  # GroupLens ml-100k.zip.md5
-        read_archive=lambda p: _ml100k_ratings([_zip_member(p[0], "ml-100k/u.data")]),
+        read_archive=lambda p, window: _ml100k_ratings([_zip_member(p[0], "ml-100k/u.data")], window),
         mirror_layouts=(Layout("u.data", ("ml-100k/u.data",), _ml100k_ratings),),
         citation="F. Maxwell Harper and Joseph A. Konstan. 2015. The MovieLens Datasets. ACM TiiS 5(4).",
     ),

@@ -1,15 +1,12 @@
 """Validate one interval's log files: the download stage's readers and quarantine, plus checks only fresh logs need.
 
 Each file goes through :func:`pipeline.data.download.read_custom_source` with the ``data.custom`` column mapping, which
-quarantines rows with a missing or mistyped field or an unparsable / negative timestamp (file, line, reason, raw
-text). Two checks follow on the parsed events:
-
-- a timestamp more than a day in the future (a log in milliseconds instead of seconds, a broken clock) is
-  quarantined and counts as malformed;
-- an exact repeat of an earlier event of the batch (same user_id, item_id, timestamp: a shipper that sent a line
-  or a file twice) is quarantined for the record but is not malformed: it does not count toward the bad-row fraction.
-
-These rows were parsed already, so their quarantine entry carries line 0 and the parsed values as text. A file that
+quarantines rows with a missing or mistyped field or a timestamp that is unparsable or outside the window of
+``data.timestamps`` (before ``earliest``; after now + ``future_tolerance_s``, as a log in milliseconds instead of
+seconds or a broken clock gives) with file, line, reason and raw text. One check follows on the parsed events: an
+exact repeat of an earlier event of the batch (same user_id, item_id, timestamp: a shipper that sent a line or a file
+twice) is quarantined for the record but is not malformed: it does not count toward the bad-row fraction. Those rows
+were parsed already, so their quarantine entry carries line 0 and the parsed values as text. A file that
 cannot be read at all (no header, missing columns, not Parquet) fails the interval with the file named: that is a
 producer changing its format, which a person should look at. Above ``retrain.max_bad_fraction`` malformed rows the
 interval fails after writing the quarantine file; below it the good rows go on.
@@ -18,23 +15,27 @@ interval fails after writing the quarantine file; below it the good rows go on.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline.data.download import read_custom_source
-from pipeline.data.quarantine import bad_rows_frame, empty_bad_rows, enforce_bad_fraction, write_quarantine
+from pipeline.data.events import TimestampWindow
+from pipeline.data.quarantine import (
+    BadInputError,
+    bad_rows_frame,
+    empty_bad_rows,
+    enforce_bad_fraction,
+    write_quarantine,
+)
 from pipeline.ingest.store import KEY, store_table
 from pipeline.io import write_json_atomic, write_parquet_atomic
-from pipeline.params import CustomSourceParams
+from pipeline.params import CustomSourceParams, TimestampParams
 
 log = logging.getLogger(__name__)
 
-FUTURE_SLACK_S = 86_400
 DUPLICATE_REASON = "duplicate event (same user_id, item_id and timestamp as an earlier row of this batch)"
-FUTURE_REASON = "timestamp more than a day in the future (milliseconds instead of seconds?)"
 
 
 @dataclass(frozen=True)
@@ -66,23 +67,28 @@ def validate_logs(
     out_dir: str | Path,
     now: float | None = None,
     sources: dict[str, str] | None = None,
+    timestamps: TimestampParams | None = None,
 ) -> BatchReport:
     """Check ``files`` and write ``batch.parquet``, ``quarantine.csv`` and ``report.json`` under ``out_dir``.
 
-    ``now`` (unix seconds, default the wall clock) is the reference of the future-timestamp check; ``sources`` maps
-    a file to the name the quarantine should show (the inbox URL of a staged copy).
+    ``now`` (unix seconds, default the wall clock) is the reference of the future end of the ``timestamps``
+    window; ``sources`` maps a file to the name the quarantine should show (the inbox URL of a staged copy).
     """
     outputs = BatchOutputs.under(out_dir)
     outputs.batch.unlink(missing_ok=True)  # a failed attempt must not leave an earlier attempt's batch behind
-    now = time.time() if now is None else now
+    window = TimestampWindow(*(timestamps or TimestampParams()).window(now))
     events, malformed, total = [], [empty_bad_rows()], 0
     for path in sorted(map(str, files)):
-        result = read_custom_source(custom, path)
+        try:
+            result = read_custom_source(custom, path, window)
+        except BadInputError as err:  # name the inbox file, not its staged copy
+            shown = (sources or {}).get(path)
+            if shown is None:
+                raise
+            raise BadInputError(str(err).replace(path, shown)) from err
         total += result.total_rows
         malformed.append(result.bad_rows)
-        future = result.events["timestamp"] > now + FUTURE_SLACK_S
-        malformed.append(_parsed_rows(path, result.events[future], FUTURE_REASON))
-        events.append(result.events[~future].assign(_source=path))
+        events.append(result.events.assign(_source=path))
     frame = pd.concat(events, ignore_index=True) if events else pd.DataFrame(columns=[*KEY, "_source"])
     repeated = frame.duplicated(KEY, keep="first")
     duplicates = [_parsed_rows(src, rows, DUPLICATE_REASON) for src, rows in frame[repeated].groupby("_source")]
