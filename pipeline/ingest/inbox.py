@@ -3,8 +3,10 @@
 A log file belongs to a day named in its path: ``2024-01-05.csv``, ``events_20240105.jsonl.gz`` or a Hive-style
 folder ``date=2024-01-05/part-0.parquet`` (the first valid date in the path relative to the inbox). A file belongs to
 the interval ``[start, end)`` when midnight (UTC) of its day lies in it, so a daily interval takes one day's files and
-a weekly interval seven days'. Files without a date in their path are listed in the log and left alone: the choice
-never depends on modification times, so re-running an interval collects exactly the same files.
+a weekly interval seven days'. Files without a date in their path, hidden files (a writer's ``.part`` files) and
+files of other formats are listed in the log with the reason and left alone: the choice never depends on
+modification times, so re-running an interval collects exactly the same files. A link out of a local inbox is never
+followed.
 
 Collected files are copied into a local staging folder (readers need local files, and the copy is what the
 interval was trained on even if the inbox changes later).
@@ -13,15 +15,19 @@ interval was trained on even if the inbox changes later).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.data.readers import _format_of
+from pipeline.errors import BadInputError
 from pipeline.io import atomic_path, file_digest
 
 log = logging.getLogger(__name__)
@@ -54,7 +60,12 @@ def in_interval(day: date, start: datetime, end: datetime) -> bool:
 
 
 def collect(inbox: str, pattern: str, start: datetime, end: datetime, staging: str | Path) -> list[CollectedFile]:
-    """Copy the inbox's log files of ``[start, end)`` into ``staging`` (emptied first); returns them sorted by path."""
+    """Copy the inbox's log files of ``[start, end)`` into ``staging`` (emptied first); returns them sorted by path.
+
+    Every file left alone is logged with the reason. A local inbox never follows a link out of itself: a link (to a
+    file or a folder) that resolves outside the inbox and may belong to the interval fails the collection, naming
+    the link and nothing of what it points to.
+    """
     fs, root = fsspec.core.url_to_fs(inbox)
     root = root.rstrip("/")
     staging = Path(staging)
@@ -64,35 +75,89 @@ def collect(inbox: str, pattern: str, start: datetime, end: datetime, staging: s
     if not fs.exists(root):
         log.warning("inbox %s does not exist: no log files", inbox)
         return []
-    collected, undated = [], []
+    local = isinstance(fs, LocalFileSystem)
+    outside = _links_outside(root) if local else []
+    refused = [link for link in outside if _may_belong(link, start, end)]
+    if refused:
+        raise BadInputError(
+            f"inbox {inbox}: {len(refused)} link(s) point outside the inbox and were not read: {refused}. The inbox "
+            "reads only files inside it: copy the logs in, or remove the links."
+        )
+    collected, skipped, elsewhere = [], defaultdict(list), 0
+    if outside:
+        skipped["a link out of the inbox, dated in another interval"] = outside
     for path in sorted(fs.glob(f"{root}/{pattern}")):
         relative = path[len(root) :].lstrip("/")
-        hidden = any(part.startswith(".") for part in relative.split("/"))  # writers' temporary files
-        if hidden or fs.isdir(path) or _format_of(Path(relative)) is None:
+        if fs.isdir(path) or (local and not _inside(path, root)):  # a link out: logged above
             continue
+        reason = _skip_reason(relative)
+        if reason is None and (local and not Path(path).exists()):
+            reason = "a broken link"
         day = file_day(relative)
-        if day is None:
-            undated.append(relative)
+        if reason is None and day is None:
+            reason = "no date (YYYY-MM-DD or YYYYMMDD) in its path"
+        if reason is not None:
+            skipped[reason].append(relative)
             continue
         if not in_interval(day, start, end):
+            elsewhere += 1
             continue
-        local = staging / relative
-        local.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(local) as tmp:
+        local_copy = staging / relative
+        local_copy.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(local_copy) as tmp:
             fs.get_file(path, str(tmp))
         collected.append(
             CollectedFile(
                 source=fs.unstrip_protocol(path),
-                local=str(local),
+                local=str(local_copy),
                 day=day.isoformat(),
-                size=local.stat().st_size,
-                sha256=file_digest(local),
+                size=local_copy.stat().st_size,
+                sha256=file_digest(local_copy),
             )
         )
-    if undated:
-        log.warning("inbox %s: %d file(s) without a date in their name were skipped: %s", inbox, len(undated), undated)
-    log.info("collected %d log file(s) for [%s, %s) from %s", len(collected), start, end, inbox)
+    for reason, names in skipped.items():
+        log.warning("inbox %s: skipped %d file(s), %s: %s", inbox, len(names), reason, names)
+    log.info(
+        "collected %d log file(s) for [%s, %s) from %s (%d dated file(s) of other days left for their intervals)",
+        len(collected),
+        start,
+        end,
+        inbox,
+        elsewhere,
+    )
     return collected
+
+
+def _skip_reason(relative: str) -> str | None:
+    """Why a listed file is not a log of the inbox, or None when it is one."""
+    if any(part.startswith(".") for part in relative.split("/")):
+        return "name starting with '.' (a writer's temporary or hidden file)"
+    if _format_of(Path(relative)) is None:
+        return "not a csv, tsv, parquet or json(l) file"
+    return None
+
+
+def _links_outside(root: str) -> list[str]:
+    """Relative paths of the links under a local ``root`` (files or folders) that resolve outside it."""
+    real_root = os.path.realpath(root)
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in [*dirs, *files]:
+            path = os.path.join(folder, name)
+            if os.path.islink(path) and not _inside(path, real_root):
+                found.append(os.path.relpath(path, root))
+    return sorted(found)
+
+
+def _inside(path: str, root: str) -> bool:
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([os.path.realpath(path), real_root]) == real_root
+
+
+def _may_belong(relative: str, start: datetime, end: datetime) -> bool:
+    """A link whose path names no date, or a date inside the interval, could hold this interval's logs."""
+    day = file_day(relative)
+    return day is None or in_interval(day, start, end)
 
 
 def to_utc(moment: datetime) -> datetime:
