@@ -420,8 +420,21 @@ def test_served_champion_answers_http(served: Params, server: MlflowServer, tmp_
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             predictions = json.loads(response.read())["predictions"]
+        known = histories[0]
+        bad_requests = {  # each answered 400 with a one-line reason naming the problem, never a stack trace
+            "k must be a positive integer, got 0": [{"history": known, "k": 0}],
+            "k must be a positive integer, got -3": [{"history": known, "k": -3}],
+            "k must be a positive integer, got 2.7": [{"history": known, "k": 2.7}],
+            "item ids must be strings, got 12345678901234567890123": [{"history": [12345678901234567890123]}],
+            "item ids must be strings, got 5 (int)": [{"history": [*known, 5]}],
+        }
+        answers = {reason: _post_records(port, records) for reason, records in bad_requests.items()}
     finally:
         _stop(proc)
+    for reason, (status, answer) in answers.items():
+        assert status == 400, (reason, status, answer)
+        assert reason in answer["message"] and "\n" not in answer["message"], answer
+        assert "stack_trace" not in answer and "Traceback" not in json.dumps(answer), answer
     local = Recommender.from_files(
         Path(served.train.model_dir) / "model.pt",
         Path(served.train.model_dir) / "model.json",
@@ -430,6 +443,19 @@ def test_served_champion_answers_http(served: Params, server: MlflowServer, tmp_
     items, scores = local.recommend(histories, [4, 4, 4])
     assert [p["items"] for p in predictions] == items
     assert np.allclose([p["scores"] for p in predictions], scores, atol=1e-5)
+
+
+def _post_records(port: int, records: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """POST ``dataframe_records`` to a served model; (HTTP status, JSON body) whatever the status."""
+    body = json.dumps({"dataframe_records": records}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
 
 
 def test_batch_writes_top_k_for_every_user(served: Params, tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 
@@ -33,7 +35,32 @@ class RecommenderModel(PythonModel):
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        return self.recommender.predict_frame(model_input)
+        from pipeline.tracking.recommender import InvalidRequest
+
+        try:
+            return self.recommender.predict_frame(model_input)
+        except InvalidRequest as err:  # a client's mistake: HTTP 400 with the reason, not 500 with a traceback
+            raise RequestRejected(str(err)) from None
+
+
+class RequestRejected(MlflowException):
+    """A bad request, answered by ``mlflow models serve`` with HTTP 400 and a one-line ``message``.
+
+    The scoring server rewrites ``message`` to ``Failed to predict data '<the whole input frame>' ...``, a
+    multi-line echo of the request; the reason alone is what the client needs, so the rewrite is ignored.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+        super().__init__(reason, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, _rewritten: str) -> None:
+        pass
 
 
 mlflow.models.set_model(RecommenderModel())

@@ -9,6 +9,7 @@ recommendations (the model has nothing to condition on). Padding (id 0) is never
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import pandas as pd
 import torch
 
 from pipeline.data.preprocess import read_id_map
+from pipeline.errors import PipelineError
 from pipeline.model import SequentialRecommender
 from pipeline.training.data import gather_windows
 from pipeline.training.train import load_model_files
@@ -67,7 +69,7 @@ class Recommender:
             raise ValueError(f"{len(histories)} histories but {len(ks)} values of k")
         for k in ks:
             if k < 1:
-                raise ValueError(f"k must be >= 1, got {k}")
+                raise InvalidRequest(f"k must be >= 1, got {k}")
         encoded = [self.encode(h) for h in histories]
         items: list[list[str]] = [[] for _ in encoded]
         scores: list[list[float]] = [[] for _ in encoded]
@@ -90,23 +92,44 @@ class Recommender:
         return items, scores
 
     def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """The pyfunc contract: columns ``history`` (list of raw ids) and optional ``k`` -> ``items``, ``scores``."""
+        """The pyfunc contract: columns ``history`` (list of raw ids) and optional ``k`` -> ``items``, ``scores``.
+
+        A malformed request raises :class:`InvalidRequest` with a one-line reason naming the row.
+        """
         if "history" not in frame.columns:
-            raise ValueError("input needs a 'history' column: a list of raw item ids per row")
-        histories = [_as_list(h) for h in frame["history"]]
+            raise InvalidRequest("input needs a 'history' column: a list of raw item ids (strings) per row")
+        histories = [_history(value, row) for row, value in enumerate(frame["history"])]
         ks = [self.default_k] * len(frame)
         if "k" in frame.columns:
-            ks = [self.default_k if _missing(k) else int(k) for k in frame["k"]]
+            ks = [self.default_k if _missing(k) else _positive_int(k, row) for row, k in enumerate(frame["k"])]
         items, scores = self.recommend(histories, ks)
         return pd.DataFrame({"items": items, "scores": scores})
 
 
-def _as_list(value: object) -> list[object]:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+class InvalidRequest(PipelineError, ValueError):
+    """A recommendation request that cannot be answered as sent (the server answers 400 with this message)."""
+
+
+def _history(value: object, row: int) -> list[str]:
+    if _missing(value):
         return []
-    if isinstance(value, str):
-        raise ValueError(f"history must be a list of raw item ids, got the string {value!r}")
-    return list(value)  # list, tuple or numpy array
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence | np.ndarray):
+        raise InvalidRequest(f"row {row}: history must be a list of raw item ids, got {type(value).__name__}")
+    history = list(value)
+    for raw in history:
+        if not isinstance(raw, str):  # 50 and "50" would be one item, 1e22 and "1e22" not: ids travel as strings
+            shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:40] + "..."
+            raise InvalidRequest(f"row {row}: item ids must be strings, got {shown} ({type(raw).__name__})")
+    return history
+
+
+def _positive_int(value: object, row: int) -> int:
+    """``k`` exactly as sent: 3 and 3.0 are 3; 2.7, 0, -3, true or "5" are refused, never truncated."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise InvalidRequest(f"row {row}: k must be a positive integer, got {value!r}")
+    if not math.isfinite(float(value)) or float(value) != int(value) or int(value) < 1:
+        raise InvalidRequest(f"row {row}: k must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _missing(value: object) -> bool:

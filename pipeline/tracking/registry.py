@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import PipelineError
 from pipeline.params import Params
 from pipeline.tracking.runs import RunLogger, eval_pointer, model_digest, read_pointer
 from pipeline.tracking.store import CHALLENGER, CHAMPION, Tracking, TrackingError, display_uri, model_name
@@ -87,15 +88,15 @@ def register(params: Params) -> PromotionResult:
     pointer = read_pointer(pointer_path)
     run_id = pointer.get("run_id")
     if not run_id:
-        raise ValueError(f"{pointer_path} names no MLflow run: run the evaluate stage with mlflow.enabled first")
+        raise PipelineError(f"{pointer_path} names no MLflow run: run the evaluate stage with mlflow.enabled first")
     digest = model_digest(params)
     if pointer.get("model_sha256") != digest or pointer.get("tracking_uri") != display_uri(tracking.uri):
-        raise ValueError(
+        raise PipelineError(
             f"{pointer_path} was written for another model.pt or tracking store: run the evaluate stage again"
         )
     run = tracking.call("get run", client.get_run, run_id)
     if SELECTION not in run.data.metrics:
-        raise ValueError(f"run {run_id} has no {SELECTION}: run the evaluate stage first")
+        raise PipelineError(f"run {run_id} has no {SELECTION}: run the evaluate stage first")
     challenger = float(run.data.metrics[SELECTION])
     fingerprint = run.data.tags.get("eval.fingerprint", "")
 
@@ -392,14 +393,19 @@ def _log_model(params: Params, run_id: str, digest: str | None) -> Any:
     import torch
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
-    from mlflow.types.schema import Array
+    from mlflow.types.schema import AnyType, Array
 
     from pipeline.data.preprocess import PreprocessOutputs
 
     model_dir = Path(params.train.model_dir)
     processed = PreprocessOutputs.under(params.preprocess.processed_dir)
+    # The inputs are typed loosely on purpose: MLflow's server would cast a JSON k of 2.7 to 2 for a long column and
+    # the 23-digit number 1e22-ish to a string id for a string array, before the model sees them. The model checks
+    # the request itself (history: a list of string ids; k: a positive whole number) and answers 400 with a reason.
+    history = ColSpec(Array(AnyType()), "history")
+    k = ColSpec(AnyType(), "k", required=False)
     signature = ModelSignature(
-        inputs=Schema([ColSpec(Array(DataType.string), "history"), ColSpec(DataType.long, "k", required=False)]),
+        inputs=Schema([history, k]),
         outputs=Schema([ColSpec(Array(DataType.string), "items"), ColSpec(Array(DataType.double), "scores")]),
     )
     with tempfile.TemporaryDirectory(prefix="hymoe-model-") as tmp:
