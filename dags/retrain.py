@@ -20,7 +20,9 @@ Every task calls one function of :mod:`pipeline.ingest.retrain`, which calls the
 ``python -m pipeline`` and ``dvc repro``. Parsing this file imports only PyYAML and the Airflow SDK; ``pipeline``,
 torch and MLflow load inside the tasks. Settings come from the ``retrain:`` section of ``params.yaml``
 (``$HYMOE_PARAMS`` names another file); a run's conf may hold ``{"overrides": {"train.epochs": 5}}`` to change
-parameters for that run only.
+hyperparameters for that run only: ``model.*``, the training hyperparameters and the retraining gates
+(``retrain.min_new_events``, ``retrain.warm_start``); a path or store location is refused, failing the run with the
+reason in the task log.
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ def _interval(context: dict[str, Any]) -> Any:
 
 
 def _overrides(context: dict[str, Any]) -> dict[str, Any]:
-    return dict(context["params"].get("overrides") or {})
+    from pipeline.ingest.retrain import run_overrides
+
+    return run_overrides(context["params"])
 
 
 @dag(
@@ -89,7 +93,8 @@ def _overrides(context: dict[str, Any]) -> dict[str, Any]:
         "overrides": Param(
             {},
             type="object",
-            description='parameter overrides for this run, as for --set: {"train.epochs": 5}',
+            description='hyperparameter overrides for this run, as for --set: {"train.epochs": 5} (model.*, train.*'
+            " hyperparameters, retrain.min_new_events, retrain.warm_start; paths are refused)",
         )
     },
     tags=["hymoerec", "retraining"],

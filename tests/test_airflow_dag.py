@@ -223,15 +223,27 @@ def test_rerunning_an_interval_adds_no_event_twice_and_warm_starts(first_run: di
     assert Path(warm, "model.pt").is_file()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the failure needs a machine without CUDA")
 def test_failing_train_task_leaves_the_champion_unchanged(first_run: dict[str, Any]) -> None:
     before = champion()
-    missing = WORLD / "no-such-model"
-    run, states = run_interval(first_run["dag"], "2021-02-22", **{"train.warm_start_from": str(missing)})
+    run, states = run_interval(first_run["dag"], "2021-02-22", **{"train.device": "cuda"})  # fails in train only
     assert str(run.state) == "failed"
     assert states["preprocess"] == "success" and states["train"] == "failed"
     assert states["evaluate"] == states["register"] == "upstream_failed"
     after = champion()
     assert (after.version, after.run_id) == (before.version, before.run_id)
+
+
+def test_run_conf_cannot_point_a_run_at_other_paths(
+    first_run: dict[str, Any], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    before, events = champion().version, count_events(WORLD / "store")
+    elsewhere = tmp_path / "elsewhere"
+    run, states = run_interval(first_run["dag"], "2021-02-23", **{"retrain.store_dir": str(elsewhere)})
+    assert str(run.state) == "failed" and states["collect"] == "failed"
+    assert "['retrain.store_dir'] are not allowed" in "".join(capfd.readouterr())  # the reason, in the task log
+    assert not elsewhere.exists()
+    assert champion().version == before and count_events(WORLD / "store") == events
 
 
 # ----------------------------------------------------------------------------------------------- the real thing

@@ -41,7 +41,7 @@ from pipeline.ingest.inbox import collect, to_utc
 from pipeline.ingest.store import count_events, merge
 from pipeline.ingest.validate import BatchOutputs, validate_logs
 from pipeline.io import write_json_atomic
-from pipeline.params import Params, load_params
+from pipeline.params import Params, ParamsError, load_params
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,18 @@ class Interval:
         object.__setattr__(self, "start", to_utc(self.start))
         object.__setattr__(self, "end", to_utc(self.end))
         if self.start >= self.end:
-            raise ValueError(f"an interval needs start < end, got [{self.start}, {self.end})")
+            raise ParamsError(f"an interval needs start < end, got [{self.start}, {self.end})")
 
     @classmethod
     def parse(cls, start: str | datetime, end: str | datetime | None = None) -> Interval:
         """From ISO dates or date-times (naive means UTC); ``end`` defaults to one day after ``start``."""
-        begin = datetime.fromisoformat(start) if isinstance(start, str) else start
-        finish = datetime.fromisoformat(end) if isinstance(end, str) else end
+        try:
+            begin = datetime.fromisoformat(start) if isinstance(start, str) else start
+            finish = datetime.fromisoformat(end) if isinstance(end, str) else end
+        except ValueError as err:
+            raise ParamsError(
+                f"an interval needs ISO dates or date-times (2024-01-05), got {start!r}, {end!r}"
+            ) from err
         return cls(begin, finish if finish is not None else to_utc(begin) + timedelta(days=1))
 
     @property
@@ -110,6 +115,50 @@ def training_overrides(params: Params, interval: Interval) -> dict[str, Any]:
     }
 
 
+# What a DAG run's conf may change: hyperparameters and the retraining gates. Paths, stores, the inbox, MLflow and
+# data settings are the deployment's, fixed in params.yaml: a UI user must not point a run at another folder.
+RUN_CONF_SECTIONS = ("model.",)
+RUN_CONF_KEYS = frozenset(
+    {
+        *(
+            f"train.{key}"
+            for key in (
+                "epochs",
+                "batch_size",
+                "lr",
+                "weight_decay",
+                "lr_schedule",
+                "lr_warmup_steps",
+                "grad_clip",
+                "num_negatives",
+                "windows",
+                "length_buckets",
+                "patience",
+                "seed",
+                "device",
+                "amp",
+                "eval_batch_size",
+            )
+        ),
+        "retrain.min_new_events",
+        "retrain.warm_start",
+    }
+)
+
+
+def run_overrides(conf: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``overrides`` of a DAG run's conf, refused whole when one key is outside the allow-list."""
+    overrides = dict((conf or {}).get("overrides") or {})
+    refused = sorted(key for key in overrides if key not in RUN_CONF_KEYS and not key.startswith(RUN_CONF_SECTIONS))
+    if refused:
+        allowed = ", ".join(["model.*", *sorted(RUN_CONF_KEYS)])
+        raise ParamsError(
+            f"run conf overrides {refused} are not allowed: a run may change only {allowed}. Paths, stores and "
+            "data settings come from params.yaml; change them there (or with --set on the command line)."
+        )
+    return overrides
+
+
 def training_params(params_file: str | Path, interval: Interval, overrides: Overrides = None) -> Params:
     base = load_params(params_file, overrides)
     return load_params(params_file, {**(overrides or {}), **training_overrides(base, interval)})
@@ -135,7 +184,14 @@ def validate_batch(
         out = interval_dir(params, interval) / "ingest"
         collected = out / "collected.json"
         sources = {f["local"]: f["source"] for f in json.loads(collected.read_text())} if collected.exists() else {}
-        report = validate_logs(files, params.data.custom, params.retrain.max_bad_fraction, out, sources=sources)
+        report = validate_logs(
+            files,
+            params.data.custom,
+            params.retrain.max_bad_fraction,
+            out,
+            sources=sources,
+            timestamps=params.data.timestamps,
+        )
         return asdict(report)
 
 
