@@ -72,9 +72,15 @@ def _interval(context: dict[str, Any]) -> Any:
 
 
 def _overrides(context: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.ingest.retrain import run_overrides
+    from airflow.exceptions import AirflowFailException
 
-    return run_overrides(context["params"])
+    from pipeline.ingest.retrain import run_overrides
+    from pipeline.params import ParamsError
+
+    try:
+        return run_overrides(context["params"])
+    except ParamsError as err:  # a retry cannot fix the conf: fail at once, the reason in the task log
+        raise AirflowFailException(str(err)) from err
 
 
 @dag(

@@ -19,10 +19,12 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.data.events import TimestampWindow
 from pipeline.errors import ParamsError
 from pipeline.model.config import ModelConfig
 
 DATASETS = ("ml-1m", "ml-100k", "beauty", "custom", "synthetic")
+MAX_FUTURE_TOLERANCE_S = 10 * 365 * 86_400
 MIRROR_ENV = "HYMOE_DATA_MIRROR"
 
 
@@ -31,6 +33,10 @@ class DownloadParams:
     retries: int = 5
     backoff_s: float = 1.0
     timeout_s: float = 30.0
+
+    def validate(self) -> None:
+        if self.retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0:
+            raise ParamsError("data.download.retries and backoff_s must be >= 0, timeout_s > 0")
 
 
 @dataclass
@@ -75,14 +81,16 @@ class TimestampParams:
             raise ParamsError(f"data.timestamps.earliest must be a date (YYYY-MM-DD), got {self.earliest!r}") from err
         if earliest < datetime.date(1970, 1, 1):
             raise ParamsError(f"data.timestamps.earliest must be 1970-01-01 or later, got {self.earliest}")
-        if self.future_tolerance_s < 0:
-            raise ParamsError(f"data.timestamps.future_tolerance_s must be >= 0, got {self.future_tolerance_s}")
+        if not 0 <= self.future_tolerance_s <= MAX_FUTURE_TOLERANCE_S:
+            raise ParamsError(
+                f"data.timestamps.future_tolerance_s must lie in [0, {MAX_FUTURE_TOLERANCE_S}] (ten years), "
+                f"got {self.future_tolerance_s}"
+            )
 
-    def window(self, now: float | None = None) -> tuple[int, int]:
+    def window(self, now: float | None = None) -> TimestampWindow:
         """Valid unix seconds ``[earliest, now + tolerance]``: outside it a timestamp is quarantined, never kept."""
         start = datetime.datetime.combine(datetime.date.fromisoformat(self.earliest), datetime.time(), datetime.UTC)
-        now = datetime.datetime.now(datetime.UTC).timestamp() if now is None else now
-        return int(start.timestamp()), int(now + self.future_tolerance_s)
+        return TimestampWindow.until_now(self.future_tolerance_s, int(start.timestamp()), now)
 
 
 @dataclass
@@ -105,6 +113,10 @@ class DataParams:
             raise ParamsError(f"data.max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
         if self.dataset == "custom" and not self.custom.path:
             raise ParamsError("data.custom.path must name a file, folder or glob when data.dataset is 'custom'")
+        delimiter = self.custom.csv_delimiter
+        if len(delimiter) != 1 or delimiter in '\r\n"':
+            raise ParamsError(f"data.custom.csv_delimiter must be one character, not a quote or newline: {delimiter!r}")
+        self.download.validate()
         self.timestamps.validate()
 
     def resolved_mirror(self) -> Path | None:
@@ -261,6 +273,8 @@ def load_params(path: str | os.PathLike[str] = "params.yaml", overrides: dict[st
     """Load, type-check and validate ``params.yaml``; ``overrides`` maps dotted keys (``data.dataset``) to values."""
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"cannot read the parameters file {path}: {err}") from err
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(raw, dict):
@@ -324,9 +338,13 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ParamsError(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(value):  # YAML's .nan / .inf: NaN fails deep inside torch, inf trains on NaN loss
-            raise ParamsError(f"{where}: expected a finite number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            number = math.inf
+        if not math.isfinite(number):  # YAML's .nan / .inf: NaN fails deep inside torch, inf trains on NaN loss
+            raise ParamsError(f"{where}: expected a finite number, got {str(value)[:40]}")
+        return number
     if hint is str:
         if isinstance(value, datetime.date):  # YAML reads an unquoted 2024-01-05 as a date
             return value.isoformat()

@@ -427,6 +427,9 @@ def test_served_champion_answers_http(served: Params, server: MlflowServer, tmp_
             "k must be a positive integer, got 2.7": [{"history": known, "k": 2.7}],
             "item ids must be strings, got 12345678901234567890123": [{"history": [12345678901234567890123]}],
             "item ids must be strings, got 5 (int)": [{"history": [*known, 5]}],
+            "k must be a positive integer, got '5'": [{"history": known, "k": "5"}],
+            "k must be a positive integer, got True": [{"history": known, "k": True}],
+            "history must be a list of raw item ids, got str": [{"history": "abc"}],
         }
         answers = {reason: _post_records(port, records) for reason, records in bad_requests.items()}
     finally:
@@ -443,6 +446,17 @@ def test_served_champion_answers_http(served: Params, server: MlflowServer, tmp_
     items, scores = local.recommend(histories, [4, 4, 4])
     assert [p["items"] for p in predictions] == items
     assert np.allclose([p["scores"] for p in predictions], scores, atol=1e-5)
+
+
+def test_a_rejected_request_keeps_its_one_line_reason() -> None:
+    """MLflow's server rewrites an exception's message to echo the whole input frame; the reason must survive."""
+    from pipeline.tracking.pyfunc_model import RequestRejected
+
+    err = RequestRejected("row 0: k must be a positive integer, got 0")
+    err.message = "Failed to predict data '   history  k\\n0  [a]  0'. \\nError: " + err.message  # as the server does
+    body = json.loads(err.serialize_as_json())
+    assert body["message"] == "row 0: k must be a positive integer, got 0" and "stack_trace" not in body
+    assert err.get_http_status_code() == 400
 
 
 def _post_records(port: int, records: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:

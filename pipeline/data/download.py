@@ -117,7 +117,7 @@ def obtain(spec: DatasetSpec, data: DataParams) -> tuple[ReadResult, dict[str, A
         backoff_s=data.download.backoff_s,
         timeout_s=data.download.timeout_s,
     )
-    result = spec.read_archive([fetched.path], timestamp_window(data))
+    result = spec.read_archive([fetched.path], data.timestamps.window())
     files = [_file_record(fetched.path, spec.checksum, sha256=fetched.sha256)]
     kind = "download" if fetched.downloaded else "cache"
     return result, {"kind": kind, "url": spec.url, "layout": "official", "complete": True, "files": files}
@@ -142,7 +142,7 @@ def _from_mirror(
                     )
                 log.info("using the official archive from the mirror: %s", candidate)
                 source = {"kind": "mirror", "layout": "official", "complete": True, "files": [record]}
-                return spec.read_archive([candidate], timestamp_window(data)), source
+                return spec.read_archive([candidate], data.timestamps.window()), source
     for layout in layouts:
         paths = [mirror / f for f in layout.files]
         if all(p.is_file() for p in paths):
@@ -157,7 +157,7 @@ def _from_mirror(
                 "note": layout.note,
                 "files": [_file_record(p, None) for p in paths],
             }
-            return layout.read(paths, timestamp_window(data)), source
+            return layout.read(paths, data.timestamps.window()), source
     return None
 
 
@@ -189,11 +189,6 @@ def _file_record(path: Path, checksum: str | None, sha256: str | None = None) ->
     return record
 
 
-def timestamp_window(data: DataParams, now: float | None = None) -> TimestampWindow:
-    """``data.timestamps`` as the window every reader checks event times against."""
-    return TimestampWindow(*data.timestamps.window(now))
-
-
 def read_custom_source(
     custom: CustomSourceParams, path: str | None = None, window: TimestampWindow | None = None
 ) -> ReadResult:
@@ -211,7 +206,7 @@ def read_custom_source(
 
 def _custom(data: DataParams) -> tuple[ReadResult, dict[str, Any]]:
     custom = data.custom
-    result = read_custom_source(custom, window=timestamp_window(data))
+    result = read_custom_source(custom, window=data.timestamps.window())
     if custom.until is not None:
         # e.g. a retraining interval: events merged later (by later intervals) must not leak into this one
         later = result.events["timestamp"] >= custom.until

@@ -24,7 +24,10 @@ import pandas as pd
 from pipeline.data.quarantine import ReadResult, bad_rows_frame
 
 CANONICAL = ["user_id", "item_id", "timestamp", "rating"]
-INT64_MAX_DIGITS = "9223372036854775807"  # 2**63 - 1; the negative bound is one more
+INT64_MAX_DIGITS = "9223372036854775807"  # 2**63 - 1
+INT64_MIN_DIGITS = "9223372036854775808"  # the magnitude of -2**63
+ASCII_NUMBER = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)"
+YEAR = r"(?<![0-9])[0-9]{4}(?![0-9])"  # a date-time text must name its year: "12:30" or "Jan" is not a moment
 FLOAT_EXACT = 2.0**53  # a float at or below this is an exact integer; above, "1e17"-style ids could be rounded
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -40,29 +43,32 @@ class TimestampWindow:
     latest: int = 2**62
 
     @classmethod
-    def until_now(cls, tolerance_s: float = 86_400.0, earliest: int = 0) -> TimestampWindow:
-        now = datetime.datetime.now(datetime.UTC).timestamp()
+    def until_now(cls, tolerance_s: float = 86_400.0, earliest: int = 0, now: float | None = None) -> TimestampWindow:
+        """``[earliest, now + tolerance_s]``; ``now`` defaults to the wall clock."""
+        now = datetime.datetime.now(datetime.UTC).timestamp() if now is None else now
         return cls(earliest, int(now + tolerance_s))
 
 
-def exact_int64(text: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """Whole numbers in ``text`` as exact int64 values, and a mask of the entries that are such numbers.
+def exact_int64(text: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """Whole numbers in ``text`` as exact int64 values, the mask of entries that are such numbers, and the mask of
+    plain integers outside the int64 range.
 
-    Plain digit strings are range-checked as text (so ``9223372036854775808`` is refused rather than wrapped);
-    other numeric spellings (``5.0``, ``1e3``) are accepted only where a float holds them exactly.
+    Plain ASCII digit strings are range-checked as text (so ``9223372036854775808`` is refused rather than
+    wrapped); other ASCII numeric spellings (``5.0``, ``1e3``) are accepted only where a float holds them exactly.
+    Digits of other scripts (``١٢``) are not numbers here.
     """
     text = text.astype("string").str.strip()
-    digits = bool_mask(text.str.fullmatch(r"[+-]?\d+"))
+    digits = bool_mask(text.str.fullmatch(r"[+-]?[0-9]+"))
     magnitude = text.str.lstrip("+-").str.lstrip("0").fillna("")
     negative = bool_mask(text.str.startswith("-"))
     length = magnitude.str.len().to_numpy(dtype="int64")
-    limit = np.where(negative, "9223372036854775808", INT64_MAX_DIGITS)
+    limit = np.where(negative, INT64_MIN_DIGITS, INT64_MAX_DIGITS)
     within = (length < 19) | ((length == 19) & (magnitude.to_numpy(dtype=object) <= limit))
     exact = digits & within
     values = np.zeros(len(text), dtype="int64")
     if exact.any():
-        values[exact] = pd.to_numeric(text[exact]).to_numpy(dtype="int64")
-    other = ~digits & bool_mask(text.notna())
+        values[exact] = pd.to_numeric(text[exact], errors="coerce").to_numpy(dtype="int64")
+    other = ~digits & bool_mask(text.str.fullmatch(ASCII_NUMBER))
     if other.any():
         number = pd.to_numeric(text[other], errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
         whole = np.isfinite(number) & (np.mod(number, 1, where=np.isfinite(number), out=np.ones_like(number)) == 0)
@@ -70,7 +76,7 @@ def exact_int64(text: pd.Series) -> tuple[pd.Series, pd.Series]:
         positions = np.flatnonzero(other)
         values[positions[whole]] = number[whole].astype("int64")
         exact[positions[whole]] = True
-    return pd.Series(values, index=text.index), pd.Series(exact, index=text.index)
+    return pd.Series(values, index=text.index), exact, digits & ~within
 
 
 def bool_mask(values: pd.Series) -> np.ndarray:
@@ -85,10 +91,11 @@ def unix_seconds(text: pd.Series) -> pd.Series:
     only need their side of the window.
     """
     text = text.astype("string").str.strip()
-    seconds = pd.to_numeric(text, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
-    textual = np.isnan(seconds) & bool_mask(
-        text.notna() & (text != "") & ~text.str.lower().isin(["nan", "+nan", "-nan"])
-    )
+    numeric = bool_mask(text.str.fullmatch(ASCII_NUMBER, case=False))
+    seconds = np.full(len(text), np.nan)
+    if numeric.any():
+        seconds[numeric] = pd.to_numeric(text[numeric], errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+    textual = ~numeric & bool_mask(text.str.contains(YEAR))
     if textual.any():
         parsed = pd.to_datetime(text[textual], errors="coerce", utc=True, format="mixed")
         # whole seconds through numpy: pandas 3 keeps years such as 9999 at a coarser unit, and subtracting a
@@ -135,9 +142,8 @@ def validate_events(
         present = values.notna() & (values != "")
         flag(~present, f"missing {col}")
         if integer_ids:
-            numbers, exact = exact_int64(values)
-            digits = bool_mask(values.str.fullmatch(r"[+-]?\d+"))
-            flag(present & ~exact & digits, f"{col} is outside the int64 range")
+            numbers, exact, overflow = exact_int64(values)
+            flag(present & overflow, f"{col} is outside the int64 range")
             flag(present & ~exact, f"{col} is not an integer")
             out[col] = numbers
         else:

@@ -76,12 +76,10 @@ def enforce_bad_fraction(
     )
     fraction = len(bad_rows) / total_rows
     if fraction > max_fraction:
-        first = bad_rows.head(5)
-        examples = "\n".join(
-            f"  {row.source}:{row.line}: {row.reason}: {str(row.raw)[:120]!r}" for row in first.itertuples()
+        examples = "; ".join(
+            f"{row.source}:{row.line}: {row.reason}: {str(row.raw)[:60]!r}" for row in bad_rows.head(5).itertuples()
         )
         raise BadInputError(
             f"{len(bad_rows)} of {total_rows} rows ({fraction:.1%}) are malformed, above "
-            f"{setting}={max_fraction}; all bad rows with reasons are in {quarantine}. First bad rows:\n"
-            f"{examples}"
+            f"{setting}={max_fraction}; all bad rows with reasons are in {quarantine}. First bad rows: {examples}"
         )

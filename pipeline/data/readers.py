@@ -434,6 +434,11 @@ def _read_csv(path: Path, columns: dict[str, str], delimiter: str, window: Times
     if not undecodable.empty and int(undecodable["line"].min()) <= header_at + 1:
         raise BadInputError(f"{path}: the header (line {int(undecodable['line'].min())}) is not valid UTF-8 text")
     header = _csv_header(path, lines.iloc[header_at], delimiter)
+    if len(header) == 1 and len(columns) > 1:  # the content is not shown: it may be anything (a passwd file)
+        raise BadInputError(
+            f"{path}: the header (line {header_at + 1}) has a single column, no {delimiter!r} in it: is "
+            "data.custom.csv_delimiter right, and is this a CSV log at all?"
+        )
     _require_columns(path, columns, header)
     ignored = sorted(set(header) - set(columns.values()))
     if ignored:
@@ -443,7 +448,9 @@ def _read_csv(path: Path, columns: dict[str, str], delimiter: str, window: Times
     # before parsing, so one broken line never takes a good one with it
     candidates = lines.iloc[body]
     stray = body[bool_mask(candidates.str.contains("\r", regex=False))]
-    open_quote = body[bool_mask(candidates.str.count('"') % 2 == 1)]
+    # a quote opens a quoted field only at the start of a field; elsewhere (it"em) it is a plain character
+    field_quote = candidates.str.startswith('"') | candidates.str.contains(delimiter + '"', regex=False)
+    open_quote = body[bool_mask((candidates.str.count('"') % 2 == 1) & field_quote)]
     open_quote = np.setdiff1d(open_quote, stray)
     body = np.setdiff1d(body, np.union1d(stray, open_quote))
     invalid: list[tuple[int, str]] = []
@@ -504,7 +511,7 @@ def _csv_header(path: Path, line: str, delimiter: str) -> list[str]:
     try:
         table = pacsv.read_csv(
             pa.BufferReader(line.encode() + b"\n"),
-            read_options=pacsv.ReadOptions(use_threads=False, block_size=max(1 << 20, 2 * len(line))),
+            read_options=pacsv.ReadOptions(use_threads=False, block_size=max(1 << 20, 8 * len(line))),
             parse_options=pacsv.ParseOptions(delimiter=delimiter),
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
@@ -566,7 +573,8 @@ def _compression(path: str | os.PathLike[str]) -> str | None:
 
 
 def _longest(lines: pd.Series) -> int:
-    return int(lines.str.len().max()) if len(lines) else 0
+    """An upper bound of the longest line in UTF-8 bytes (pyarrow's block size counts bytes, not characters)."""
+    return 4 * int(lines.str.len().max()) if len(lines) else 0
 
 
 def _shown(value: object) -> str:

@@ -3,7 +3,7 @@
 A log file belongs to a day named in its path: ``2024-01-05.csv``, ``events_20240105.jsonl.gz`` or a Hive-style
 folder ``date=2024-01-05/part-0.parquet`` (the first valid date in the path relative to the inbox). A file belongs to
 the interval ``[start, end)`` when midnight (UTC) of its day lies in it, so a daily interval takes one day's files and
-a weekly interval seven days'. Files without a date in their path, hidden files (a writer's ``.part`` files) and
+a weekly interval seven days'. Files without a date in their path, hidden files (a writer's ``.name.tmp``) and
 files of other formats are listed in the log with the reason and left alone: the choice never depends on
 modification times, so re-running an interval collects exactly the same files. A link out of a local inbox is never
 followed.
@@ -77,15 +77,17 @@ def collect(inbox: str, pattern: str, start: datetime, end: datetime, staging: s
         return []
     local = isinstance(fs, LocalFileSystem)
     outside = _links_outside(root) if local else []
-    refused = [link for link in outside if _may_belong(link, start, end)]
+    refused = [link for link in outside if _may_belong(root, link, start, end)]
     if refused:
         raise BadInputError(
             f"inbox {inbox}: {len(refused)} link(s) point outside the inbox and were not read: {refused}. The inbox "
             "reads only files inside it: copy the logs in, or remove the links."
         )
     collected, skipped, elsewhere = [], defaultdict(list), 0
-    if outside:
-        skipped["a link out of the inbox, dated in another interval"] = outside
+    if set(outside) - set(refused):
+        skipped["a link out of the inbox that this interval would not read anyway"] = sorted(
+            set(outside) - set(refused)
+        )
     for path in sorted(fs.glob(f"{root}/{pattern}")):
         relative = path[len(root) :].lstrip("/")
         if fs.isdir(path) or (local and not _inside(path, root)):  # a link out: logged above
@@ -154,10 +156,13 @@ def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([os.path.realpath(path), real_root]) == real_root
 
 
-def _may_belong(relative: str, start: datetime, end: datetime) -> bool:
-    """A link whose path names no date, or a date inside the interval, could hold this interval's logs."""
+def _may_belong(root: str, relative: str, start: datetime, end: datetime) -> bool:
+    """Whether this interval would read the link: a log file dated inside it, or a folder that may hold one."""
     day = file_day(relative)
-    return day is None or in_interval(day, start, end)
+    if os.path.isdir(os.path.join(root, relative)):
+        hidden = any(part.startswith(".") for part in relative.split("/"))
+        return not hidden and (day is None or in_interval(day, start, end))
+    return _skip_reason(relative) is None and day is not None and in_interval(day, start, end)
 
 
 def to_utc(moment: datetime) -> datetime:

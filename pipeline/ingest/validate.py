@@ -21,7 +21,6 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.data.download import read_custom_source
-from pipeline.data.events import TimestampWindow
 from pipeline.data.quarantine import (
     BadInputError,
     bad_rows_frame,
@@ -76,7 +75,7 @@ def validate_logs(
     """
     outputs = BatchOutputs.under(out_dir)
     outputs.batch.unlink(missing_ok=True)  # a failed attempt must not leave an earlier attempt's batch behind
-    window = TimestampWindow(*(timestamps or TimestampParams()).window(now))
+    window = (timestamps or TimestampParams()).window(now)
     events, malformed, total = [], [empty_bad_rows()], 0
     for path in sorted(map(str, files)):
         try:

@@ -118,18 +118,25 @@ def _history(value: object, row: int) -> list[str]:
     history = list(value)
     for raw in history:
         if not isinstance(raw, str):  # 50 and "50" would be one item, 1e22 and "1e22" not: ids travel as strings
-            shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:40] + "..."
-            raise InvalidRequest(f"row {row}: item ids must be strings, got {shown} ({type(raw).__name__})")
+            raise InvalidRequest(f"row {row}: item ids must be strings, got {_shown(raw)} ({type(raw).__name__})")
     return history
 
 
 def _positive_int(value: object, row: int) -> int:
     """``k`` exactly as sent: 3 and 3.0 are 3; 2.7, 0, -3, true or "5" are refused, never truncated."""
+    wrong = InvalidRequest(f"row {row}: k must be a positive integer, got {_shown(value)}")
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-        raise InvalidRequest(f"row {row}: k must be a positive integer, got {value!r}")
-    if not math.isfinite(float(value)) or float(value) != int(value) or int(value) < 1:
-        raise InvalidRequest(f"row {row}: k must be a positive integer, got {value!r}")
+        raise wrong
+    if not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
+        raise wrong
+    if int(value) < 1:
+        raise wrong
     return int(value)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def _missing(value: object) -> bool:

@@ -402,7 +402,7 @@ def _log_model(params: Params, run_id: str, digest: str | None) -> Any:
     # The inputs are typed loosely on purpose: MLflow's server would cast a JSON k of 2.7 to 2 for a long column and
     # the 23-digit number 1e22-ish to a string id for a string array, before the model sees them. The model checks
     # the request itself (history: a list of string ids; k: a positive whole number) and answers 400 with a reason.
-    history = ColSpec(Array(AnyType()), "history")
+    history = ColSpec(AnyType(), "history")
     k = ColSpec(AnyType(), "k", required=False)
     signature = ModelSignature(
         inputs=Schema([history, k]),
