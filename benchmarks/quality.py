@@ -31,6 +31,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sasrec": {"model.kind": "hymoerec", "model.moe.enabled": False},
     "gru4rec": {"model.kind": "gru4rec", "model.moe.enabled": False},
     "bert4rec": {"model.kind": "bert4rec", "model.moe.enabled": False},
+    "narm": {"model.kind": "narm"},
+    "mamba4rec": {"model.kind": "mamba4rec"},
 }
 REPORTED = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from pipeline.model import (
     BERT4Rec,
-    GRU4Rec,
     HybridMoE,
     HyMoERec,
     ModelConfig,
@@ -21,10 +20,15 @@ from pipeline.model import (
     warmup_weight,
 )
 from pipeline.model.base import next_item_ce
+from pipeline.model.config import MambaConfig, NARMConfig
+from pipeline.model.mamba4rec import fused_scan_available, selective_scan
 from pipeline.model.moe import FeedForward, load_balance
 
 IMPLEMENTATIONS = ("loop", "dense", "grouped")
 ROUTER_INPUTS = ("hidden", "hidden_item", "hidden_item_user")
+KINDS = ("hymoerec", "gru4rec", "bert4rec", "narm", "mamba4rec")
+CAUSAL_KINDS = ("hymoerec", "gru4rec", "narm", "mamba4rec")
+RECURRENT_KINDS = ("gru4rec", "narm", "mamba4rec")  # read a history from its first item: padding must not matter
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,7 +52,15 @@ def small_cfg(kind: str = "hymoerec", moe: bool = True, **moe_kw) -> ModelConfig
         dropout=0.1,
         attn_dropout=0.1,
         moe=moe_cfg,
+        narm=NARMConfig(hidden_size=24),
+        mamba=MambaConfig(num_layers=2, d_state=8, dropout=0.1),
     )
+
+
+def without_dropout(cfg: ModelConfig) -> ModelConfig:
+    cfg.dropout = cfg.attn_dropout = cfg.mamba.dropout = 0.0
+    cfg.narm.embedding_dropout = cfg.narm.context_dropout = 0.0
+    return cfg
 
 
 def random_batch(B: int = 4, L: int = 12, num_items: int = 50, seed: int = 0) -> torch.Tensor:
@@ -311,7 +323,7 @@ def test_moe_disabled_is_plain_sasrec() -> None:
     assert moe.blocks[0].ffn.dense.fc1.out_features == cfg.ffn_hidden
 
 
-@pytest.mark.parametrize("kind", ["hymoerec", "gru4rec", "bert4rec"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("moe", [True, False])
 def test_score_next(kind: str, moe: bool) -> None:
     model = build_model(small_cfg(kind, moe=moe), num_items=25).eval()
@@ -323,7 +335,7 @@ def test_score_next(kind: str, moe: bool) -> None:
 
 @pytest.mark.parametrize(
     "kind,moe,router_input",
-    [("hymoerec", True, r) for r in ROUTER_INPUTS] + [("hymoerec", False, "hidden"), ("gru4rec", False, "hidden")],
+    [("hymoerec", True, r) for r in ROUTER_INPUTS] + [(k, False, "hidden") for k in CAUSAL_KINDS],
 )
 def test_causality(kind: str, moe: bool, router_input: str) -> None:
     torch.manual_seed(0)
@@ -343,12 +355,87 @@ def test_causality(kind: str, moe: bool, router_input: str) -> None:
                 assert torch.equal(r1[:, : t + 1], r2[:, : t + 1])
 
 
-def test_gru4rec_ignores_leading_padding() -> None:
-    model = GRU4Rec(small_cfg("gru4rec"), num_items=20).eval()
+@pytest.mark.parametrize("kind", RECURRENT_KINDS)
+def test_recurrent_models_ignore_leading_padding(kind: str) -> None:
+    model = build_model(small_cfg(kind), num_items=20).eval()
     short = torch.tensor([[3, 4, 5]])
     long = torch.tensor([[0, 0, 0, 0, 3, 4, 5]])
     torch.testing.assert_close(model.encode(long)[0][:, 4:], model.encode(short)[0])
     torch.testing.assert_close(model.score_next(long), model.score_next(short))
+    assert model.encode(long)[0][:, :4].abs().sum() == 0  # padding rows are zero
+
+
+def test_narm_matches_its_formulas_at_every_position() -> None:
+    """Global + unnormalised local attention over h_j (j <= t), concatenated, through the bilinear decoder."""
+    torch.manual_seed(0)
+    model = build_model(small_cfg("narm"), num_items=30).eval()
+    ids = random_batch(num_items=30)
+    hidden, _ = model.encode(ids)
+    for b in range(len(ids)):
+        real = (ids[b] > 0).nonzero().squeeze(1)
+        if not len(real):
+            continue
+        states, _ = model.gru(model.item_emb(ids[b, real]).unsqueeze(0))
+        states = states[0]
+        for i, t in enumerate(real.tolist()):
+            weights = model.v(torch.sigmoid(model.a1(states[i]) + model.a2(states[: i + 1]))).squeeze(-1)
+            context = torch.cat([states[i], weights @ states[: i + 1]])
+            torch.testing.assert_close(hidden[b, t], model.decoder(context), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 5, 16, 37])
+def test_parallel_scan_matches_the_sequential_reference(length: int) -> None:
+    """Forward and gradients of the recursive-doubling scan equal the step-by-step recurrence (float64)."""
+    g = torch.Generator().manual_seed(length)
+    b, d, n = 3, 6, 4
+    inputs = {
+        "u": torch.randn(b, length, d, generator=g, dtype=torch.float64),
+        "delta": torch.rand(b, length, d, generator=g, dtype=torch.float64),
+        "A": -torch.rand(d, n, generator=g, dtype=torch.float64) * 3,
+        "B": torch.randn(b, length, n, generator=g, dtype=torch.float64),
+        "C": torch.randn(b, length, n, generator=g, dtype=torch.float64),
+        "D": torch.randn(d, generator=g, dtype=torch.float64),
+    }
+    results = {}
+    for kernel in ("parallel", "sequential"):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y = selective_scan(*leaves.values(), kernel=kernel)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        results[kernel] = (y, {k: torch.zeros_like(v) if v.grad is None else v.grad for k, v in leaves.items()})
+    torch.testing.assert_close(results["parallel"][0], results["sequential"][0])
+    for name, grad in results["parallel"][1].items():
+        torch.testing.assert_close(grad, results["sequential"][1][name], msg=name)
+
+
+def test_selective_scan_is_the_recurrence() -> None:
+    """The sequential kernel itself against the formula, one position by hand."""
+    u, delta = torch.tensor([[[1.0], [2.0]]]), torch.tensor([[[0.5], [0.25]]])
+    A, B, C, D = torch.tensor([[-2.0]]), torch.tensor([[[3.0], [1.0]]]), torch.tensor([[[1.0], [2.0]]]), torch.ones(1)
+    y = selective_scan(u, delta, A, B, C, D, kernel="sequential")
+    h1 = 0.5 * 3.0 * 1.0
+    h2 = math.exp(0.25 * -2.0) * h1 + 0.25 * 1.0 * 2.0
+    torch.testing.assert_close(y, torch.tensor([[[h1 + 1.0], [2.0 * h2 + 2.0]]]))
+
+
+@pytest.mark.parametrize("kernel", ["parallel", "sequential"])
+def test_mamba4rec_kernels_give_the_same_model(kernel: str) -> None:
+    torch.manual_seed(0)
+    reference = build_model(small_cfg("mamba4rec"), num_items=30).eval()
+    cfg = small_cfg("mamba4rec")
+    cfg.mamba.scan = kernel
+    model = build_model(cfg, num_items=30).eval()
+    model.load_state_dict(reference.state_dict())
+    ids = random_batch(num_items=30)
+    torch.testing.assert_close(model.score_next(ids), reference.score_next(ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and fused_scan_available()), reason="needs CUDA and mamba-ssm")
+def test_fused_cuda_scan_matches_the_parallel_scan() -> None:
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 50, 16, generator=g), torch.rand(2, 50, 16, generator=g), -torch.rand(16, 8, generator=g)]
+    args += [torch.randn(2, 50, 8, generator=g), torch.randn(2, 50, 8, generator=g), torch.randn(16, generator=g)]
+    cuda = [a.cuda() for a in args]
+    torch.testing.assert_close(selective_scan(*cuda, kernel="fused").cpu(), selective_scan(*args, kernel="parallel"))
 
 
 def test_bert4rec_masking_reproducible_and_uses_last_target() -> None:
@@ -372,7 +459,7 @@ def test_bert4rec_masking_reproducible_and_uses_last_target() -> None:
     assert model.item_emb.num_embeddings == 22 and model.mask_id == 21
 
 
-@pytest.mark.parametrize("kind", ["hymoerec", "gru4rec", "bert4rec"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_sampled_softmax_runs(kind: str) -> None:
     model = build_model(small_cfg(kind), num_items=30)
     ids = random_batch(num_items=30)
@@ -438,6 +525,13 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="num_heads"):
         ModelConfig(hidden_size=30, num_heads=4).validate()
     ModelConfig(kind="gru4rec", moe=MoEConfig(top_k=99)).validate()  # GRU4Rec ignores the MoE section
+    for kind in ("narm", "mamba4rec"):
+        assert not ModelConfig(kind=kind).uses_moe  # no FFN to replace: never "MoE on" in logs or tags
+        ModelConfig(kind=kind, hidden_size=30, num_heads=4).validate()  # no attention heads either
+    with pytest.raises(ValueError, match="narm.context_dropout"):
+        ModelConfig(kind="narm", narm=NARMConfig(context_dropout=1.0)).validate()
+    with pytest.raises(ValueError, match="mamba.scan"):
+        ModelConfig(kind="mamba4rec", mamba=MambaConfig(scan="cuda")).validate()
 
 
 def test_param_groups_cover_every_parameter_once() -> None:
@@ -453,6 +547,10 @@ def test_param_groups_cover_every_parameter_once() -> None:
     assert sum(len(g["params"]) for g in groups) == len(list(biased.parameters()))
     assert groups[-1]["params"] == [biased.history_bias]
     assert groups[-1]["lr"] == pytest.approx(1e-2) and groups[-1]["weight_decay"] == 0.0
+    mamba = build_model(small_cfg("mamba4rec"), num_items=20)
+    decayed = {id(p) for p in mamba.param_groups(0.1, 1e-3)[0]["params"]}
+    block = mamba.layers[0].mamba
+    assert id(block.A_log) not in decayed and id(block.D) not in decayed and id(block.in_proj.weight) in decayed
 
 
 # ---------------------------------------------------------------- tiny training runs
@@ -467,13 +565,12 @@ def chain_data(num_users: int = 200, num_items: int = 100, length: int = 13) -> 
     return torch.where(torch.arange(length) >= length - lengths.unsqueeze(1), seqs, 0)
 
 
-@pytest.mark.parametrize("kind,moe", [("hymoerec", True), ("hymoerec", False), ("gru4rec", False), ("bert4rec", False)])
+@pytest.mark.parametrize("kind,moe", [("hymoerec", True), *((k, False) for k in KINDS)])
 def test_short_training_lowers_loss(kind: str, moe: bool) -> None:
     torch.manual_seed(0)
     seqs = chain_data()
     inputs, targets = seqs[:, :-1], torch.where(seqs[:, :-1] > 0, seqs[:, 1:], 0)
-    cfg = small_cfg(kind, moe=moe, warmup_steps=20, router_input="hidden_item_user")
-    cfg.dropout = cfg.attn_dropout = 0.0
+    cfg = without_dropout(small_cfg(kind, moe=moe, warmup_steps=20, router_input="hidden_item_user"))
     model = build_model(cfg, num_items=100)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
@@ -511,13 +608,12 @@ def history_reference_logits(model, ids: torch.Tensor, rows: list[tuple[int, int
     return torch.stack(logits)
 
 
-@pytest.mark.parametrize("kind", ["hymoerec", "gru4rec"])
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
 @pytest.mark.parametrize("num_negatives", [0, 6])
 def test_history_bias_loss_matches_reference(kind: str, num_negatives: int) -> None:
     """Full and sampled softmax: the bias counts each seen item once, only from the past, with exact gradients."""
     torch.manual_seed(0)
-    cfg = small_cfg(kind)
-    cfg.dropout = cfg.attn_dropout = 0.0
+    cfg = without_dropout(small_cfg(kind))
     cfg.history_bias = True
     num_items = 8  # a small catalogue makes repeats within a history likely
     model = build_model(cfg, num_items=num_items).eval()
@@ -548,7 +644,7 @@ def test_history_bias_loss_matches_reference(kind: str, num_negatives: int) -> N
     assert grads[params.index(model.history_bias)].abs() > 0
 
 
-@pytest.mark.parametrize("kind", ["hymoerec", "gru4rec"])
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
 def test_history_bias_scores_match_training_logits(kind: str) -> None:
     """score_next adds b to exactly the items of the window the model sees, as the training logits do."""
     cfg = small_cfg(kind)

@@ -100,7 +100,14 @@ def test_all_windows_cover_every_training_transition(data_root: Path) -> None:
 
 @pytest.mark.parametrize(
     "kind,moe,history_bias",
-    [("hymoerec", True, False), ("hymoerec", False, True), ("gru4rec", False, True), ("bert4rec", False, False)],
+    [
+        ("hymoerec", True, False),
+        ("hymoerec", False, True),
+        ("gru4rec", False, True),
+        ("bert4rec", False, False),
+        ("narm", False, False),
+        ("mamba4rec", False, True),
+    ],
 )
 def test_train_and_evaluate_stage(tmp_path: Path, data_root: Path, kind: str, moe: bool, history_bias: bool) -> None:
     params = load_params(

@@ -1,4 +1,4 @@
-"""Sequential recommenders behind one interface: HyMoERec / SASRec, GRU4Rec, BERT4Rec.
+"""Sequential recommenders behind one interface: HyMoERec / SASRec, GRU4Rec, BERT4Rec, NARM, Mamba4Rec.
 
 ``build_model(cfg, num_items)`` returns a :class:`SequentialRecommender` with ``training_loss``, ``score_next``
 and ``routing``; see :mod:`pipeline.model.base` for the contract.
@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from pipeline.model.base import LossOutput, SequentialRecommender
     from pipeline.model.config import ModelConfig, MoEConfig
     from pipeline.model.gru4rec import GRU4Rec
+    from pipeline.model.mamba4rec import Mamba4Rec
     from pipeline.model.moe import HybridMoE, MoEAux, warmup_weight
+    from pipeline.model.narm import NARM
     from pipeline.model.transformer import BERT4Rec, HyMoERec
 
 _HOMES = {
@@ -25,6 +27,8 @@ _HOMES = {
     "ModelConfig": "config",
     "MoEConfig": "config",
     "GRU4Rec": "gru4rec",
+    "Mamba4Rec": "mamba4rec",
+    "NARM": "narm",
     "HybridMoE": "moe",
     "MoEAux": "moe",
     "warmup_weight": "moe",
@@ -38,6 +42,8 @@ __all__ = [
     "HyMoERec",
     "HybridMoE",
     "LossOutput",
+    "Mamba4Rec",
+    "NARM",
     "MoEAux",
     "MoEConfig",
     "ModelConfig",
@@ -56,11 +62,10 @@ def __getattr__(name: str) -> Any:
 def build_model(cfg: ModelConfig, num_items: int) -> SequentialRecommender:
     """Validate ``cfg`` and build the model it names for items 1..num_items (0 = padding)."""
     from pipeline.model.gru4rec import GRU4Rec
+    from pipeline.model.mamba4rec import Mamba4Rec
+    from pipeline.model.narm import NARM
     from pipeline.model.transformer import BERT4Rec, HyMoERec
 
     cfg.validate()
-    if cfg.kind == "hymoerec":
-        return HyMoERec(cfg, num_items)
-    if cfg.kind == "bert4rec":
-        return BERT4Rec(cfg, num_items)
-    return GRU4Rec(cfg, num_items)
+    kinds = {"hymoerec": HyMoERec, "bert4rec": BERT4Rec, "gru4rec": GRU4Rec, "narm": NARM, "mamba4rec": Mamba4Rec}
+    return kinds[cfg.kind](cfg, num_items)

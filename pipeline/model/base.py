@@ -137,7 +137,8 @@ class SequentialRecommender(nn.Module):
             if not p.requires_grad or p is self.history_bias:
                 continue
             is_bias = name.endswith(("bias", ".b1", ".b2"))  # stacked expert biases are 2-D
-            (decay if p.dim() >= 2 and not is_bias else no_decay).append(p)
+            exempt = getattr(p, "_no_weight_decay", False)  # e.g. Mamba's A_log: a 2-D table of decay rates
+            (decay if p.dim() >= 2 and not is_bias and not exempt else no_decay).append(p)
         groups = [
             {"params": decay, "weight_decay": weight_decay, "lr": lr},
             {"params": no_decay, "weight_decay": 0.0, "lr": lr},
@@ -283,3 +284,22 @@ def moe_stats(auxes: list[MoEAux]) -> dict[str, float]:
         values += [aux.alpha.float().reshape(1), entropy.reshape(1), aux.lb.float().reshape(1)]
         values += [load.max().reshape(1), load]
     return dict(zip(keys, torch.cat([v.to(values[0].device) for v in values]).tolist(), strict=True))
+
+
+def left_to_right(input_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate left-padded rows ``[B, L]`` to right padding; returns them and the leading padding per row ``[B, 1]``.
+
+    Recurrent encoders (GRU, Mamba) read a row from its first item, so their state never depends on how much
+    padding a batch carries; trailing padding only follows the real items, so no packing (and no host sync).
+    """
+    L = input_ids.shape[1]
+    pad = L - (input_ids > 0).sum(1, keepdim=True)
+    cols = torch.arange(L, device=input_ids.device).unsqueeze(0)
+    return input_ids.gather(1, (cols + pad) % L), pad
+
+
+def right_to_left(states: Tensor, pad: Tensor) -> Tensor:
+    """Undo :func:`left_to_right` on per-position states ``[B, L, H]`` (the padding rows hold whatever ran there)."""
+    B, L, H = states.shape
+    cols = torch.arange(L, device=states.device).unsqueeze(0)
+    return states.gather(1, ((cols - pad) % L).unsqueeze(-1).expand(B, L, H))

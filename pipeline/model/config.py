@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MODEL_KINDS = ("hymoerec", "gru4rec", "bert4rec")
+MODEL_KINDS = ("hymoerec", "gru4rec", "bert4rec", "narm", "mamba4rec")
+TRANSFORMER_KINDS = ("hymoerec", "bert4rec")  # the kinds with a position-wise FFN, where the hybrid MoE lives
+MAMBA_SCANS = ("auto", "parallel", "sequential", "fused")
 ROUTER_INPUTS = ("hidden", "hidden_item", "hidden_item_user")
 WARMUP_SCHEDULES = ("linear", "cosine")
 LB_TYPES = ("entropy", "switch")
@@ -57,8 +59,47 @@ class MoEConfig:
 
 
 @dataclass
+class NARMConfig:
+    """NARM's own settings; defaults are the paper's (Li et al. 2017: GRU width 100, dropouts 0.25 and 0.5)."""
+
+    hidden_size: int = 100  # (int) GRU width H (the item embedding width is model.hidden_size)
+    num_layers: int = 1  # (int) GRU layers
+    embedding_dropout: float = 0.25  # (float) dropout on the item embeddings
+    context_dropout: float = 0.5  # (float) dropout on [c_global; c_local] before the bilinear decoder
+
+    def validate(self) -> None:
+        if self.hidden_size < 1 or self.num_layers < 1:
+            raise ValueError("narm.hidden_size and narm.num_layers must be >= 1")
+        for name in ("embedding_dropout", "context_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"narm.{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class MambaConfig:
+    """Mamba4Rec's own settings; defaults are the paper's (Liu et al. 2024: 1 layer, dropout 0.2, d_state 32,
+    d_conv 4, expand 2)."""
+
+    num_layers: int = 1  # (int) Mamba layers (Mamba block + position-wise FFN each)
+    dropout: float = 0.2  # (float) dropout on embeddings, Mamba outputs and FFN
+    d_state: int = 32  # (int) N, SSM state size per channel
+    d_conv: int = 4  # (int) width of the causal depthwise convolution
+    expand: int = 2  # (int) inner width = expand * model.hidden_size
+    scan: str = "auto"  # (str) auto | parallel | sequential | fused: selective-scan kernel, same result
+
+    def validate(self) -> None:
+        for name in ("num_layers", "d_state", "d_conv", "expand"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"mamba.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"mamba.dropout must be in [0, 1), got {self.dropout}")
+        if self.scan not in MAMBA_SCANS:
+            raise ValueError(f"mamba.scan must be one of {MAMBA_SCANS}, got {self.scan!r}")
+
+
+@dataclass
 class ModelConfig:
-    kind: str = "hymoerec"  # (str) hymoerec (causal transformer; moe.enabled toggles SASRec) | gru4rec | bert4rec
+    kind: str = "hymoerec"  # (str) hymoerec (moe.enabled=false: SASRec) | gru4rec | bert4rec | narm | mamba4rec
     hidden_size: int = 64  # (int) d, embedding and hidden width
     num_layers: int = 2  # (int) transformer blocks / GRU layers
     num_heads: int = 2  # (int) attention heads (must divide hidden_size)
@@ -69,6 +110,13 @@ class ModelConfig:
     bert_mask_prob: float = 0.2  # (float) BERT4Rec cloze masking probability per real item
     history_bias: bool = False  # (bool) learn one score offset for items already in the history (causal models)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    narm: NARMConfig = field(default_factory=NARMConfig)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+
+    @property
+    def uses_moe(self) -> bool:
+        """Whether the built network has the hybrid MoE: only transformer kinds have an FFN to replace."""
+        return self.moe.enabled and self.kind in TRANSFORMER_KINDS
 
     def validate(self) -> None:
         """Raise ValueError on an inconsistent model setting (MoE settings only checked when MoE is used)."""
@@ -77,7 +125,7 @@ class ModelConfig:
         for name in ("hidden_size", "num_layers", "max_seq_len", "ffn_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.kind != "gru4rec" and (self.num_heads < 1 or self.hidden_size % self.num_heads):
+        if self.kind in TRANSFORMER_KINDS and (self.num_heads < 1 or self.hidden_size % self.num_heads):
             raise ValueError(
                 f"model.num_heads ({self.num_heads}) must be >= 1 and divide hidden_size ({self.hidden_size})"
             )
@@ -87,7 +135,11 @@ class ModelConfig:
         if not 0.0 < self.bert_mask_prob < 1.0:
             raise ValueError(f"model.bert_mask_prob must be in (0, 1), got {self.bert_mask_prob}")
         if self.history_bias and self.kind == "bert4rec":
-            raise ValueError("model.history_bias needs a causal model (hymoerec or gru4rec): BERT4Rec sees the future")
-        # GRU4Rec has no FFN, so its `moe` section is ignored rather than rejected
-        if self.moe.enabled and self.kind != "gru4rec":
+            raise ValueError("model.history_bias needs a causal model: BERT4Rec sees the future")
+        # only the transformers have an FFN: the `moe` section is ignored (not rejected) for the other kinds
+        if self.uses_moe:
             self.moe.validate()
+        if self.kind == "narm":
+            self.narm.validate()
+        if self.kind == "mamba4rec":
+            self.mamba.validate()

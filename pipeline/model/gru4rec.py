@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.model.base import SequentialRecommender
+from pipeline.model.base import SequentialRecommender, left_to_right, right_to_left
 from pipeline.model.config import ModelConfig
 from pipeline.model.moe import MoEAux
 
@@ -36,12 +36,7 @@ class GRU4Rec(SequentialRecommender):
 
     def encode(self, input_ids: Tensor, *, return_topk: bool = False) -> tuple[Tensor, list[MoEAux]]:
         input_ids = input_ids[:, -self.max_seq_len :]
-        B, L = input_ids.shape
-        real = input_ids > 0
-        pad = L - real.sum(1, keepdim=True)  # leading padding per row
-        cols = torch.arange(L, device=input_ids.device).unsqueeze(0)
-        right = input_ids.gather(1, (cols + pad) % L)
+        right, pad = left_to_right(input_ids)
         out, _ = self.gru(self.drop(self.item_emb(right)))
-        back = ((cols - pad) % L).unsqueeze(-1).expand(B, L, out.shape[-1])
-        hidden = out.gather(1, back) * real.unsqueeze(-1).to(out.dtype)
+        hidden = right_to_left(out, pad) * (input_ids > 0).unsqueeze(-1).to(out.dtype)
         return hidden, []

@@ -55,7 +55,7 @@ class Block(nn.Module):
         self.attn = SelfAttention(d, cfg.num_heads, cfg.attn_dropout)
         self.ln2 = nn.LayerNorm(d)
         self.ffn: nn.Module
-        if cfg.moe.enabled:
+        if cfg.uses_moe:
             self.ffn = HybridMoE(d, cfg.moe, dropout=cfg.dropout, activation=activation)
         else:
             self.ffn = FeedForward(d, cfg.ffn_hidden, cfg.dropout, activation)
@@ -127,7 +127,7 @@ class TransformerRecommender(SequentialRecommender):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg, activation) for _ in range(cfg.num_layers)])
         self.ln_f = nn.LayerNorm(d)
-        self.router_input = cfg.moe.router_input if cfg.moe.enabled else None
+        self.router_input = cfg.moe.router_input if cfg.uses_moe else None
         self.apply(self._init_weights)
         # GPT-2 scaled init: each residual branch adds to the stream, keep their sum's variance independent of depth
         out_std = 0.02 / math.sqrt(2 * cfg.num_layers)

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -433,6 +434,7 @@ def _log_model(params: Params, run_id: str, digest: str | None) -> Any:
                     "pyyaml",
                     "requests",  # the shipped pipeline package imports these at load time
                     "tqdm",
+                    *([f"mambapy=={version('mambapy')}"] if params.model.kind == "mamba4rec" else []),  # its scan
                 ],
                 tags={"model_sha256": digest or ""},
             )

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from pipeline.io import file_digest, write_json_atomic
+from pipeline.model.config import TRANSFORMER_KINDS
 from pipeline.params import Params
 from pipeline.tracking.store import Tracking, display_uri, experiment_name
 from pipeline.training.log import read_log
@@ -336,14 +337,15 @@ def _start_run(tracking: Tracking, params: Params, extra_tags: Mapping[str, str]
     from mlflow.entities import Param
 
     experiment_id = tracking.experiment_id(experiment_name(params))
-    kind = params.model.kind + ("" if params.model.moe.enabled or params.model.kind == "gru4rec" else "-nomoe")
+    plain_transformer = params.model.kind in TRANSFORMER_KINDS and not params.model.uses_moe
+    kind = params.model.kind + ("-nomoe" if plain_transformer else "")
     tags = {
         "mlflow.runName": f"{kind}-{params.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}",
         "mlflow.source.type": "JOB",
         "mlflow.source.name": "pipeline",
         "dataset": params.data.dataset,
         "model.kind": params.model.kind,
-        "model.moe": "on" if params.model.moe.enabled and params.model.kind != "gru4rec" else "off",
+        "model.moe": "on" if params.model.uses_moe else "off",
         **data_digests(params),
         **extra_tags,
     }

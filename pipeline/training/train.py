@@ -154,7 +154,7 @@ def _train(params: Params, run: RunLogger, fingerprint: str) -> TrainOutputs:
         "training %s (%s, MoE %s) on %d sequences, %d items, device %s%s; %d parameters",
         params.model.kind,
         "causal" if params.model.kind != "bert4rec" else "cloze",
-        "on" if params.model.moe.enabled else "off",
+        "on" if params.model.uses_moe else "off",
         len(sequences.inputs),
         n_items,
         device,

@@ -1,0 +1,65 @@
+"""NARM (Li et al., CIKM 2017, "Neural Attentive Session-based Recommendation"), at every position of a history.
+
+    e = dropout_e(item_emb(x));   h_1..h_t = GRU(e)
+    c_g = h_t                                               global encoder: the last hidden state
+    c_l = sum_j<=t  v^T sigmoid(A1 h_t + A2 h_j) * h_j      local encoder: attention of h_t over the history
+    c_t = dropout_c([c_g; c_l]);  score_i = emb_i^T B c_t   bilinear decoder (B: 2H -> d)
+
+as in the paper and RecBole's reference (the attention weights are not normalised). The per-position form lets NARM
+train with the same next-item loss at every position as the other models (the paper's prefix augmentation), and
+``encode`` returns ``B c_t``, so the shared full-sort scorer (one matmul with the item table) is NARM's decoder.
+Histories are rotated to right padding before the GRU, as in GRU4Rec, so every user starts from h0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.model.base import SequentialRecommender, left_to_right, right_to_left
+from pipeline.model.config import ModelConfig
+from pipeline.model.moe import MoEAux
+
+QUERY_CHUNK = 32  # positions whose local attention is computed at once: bounds the [B, chunk, L, H] activation
+
+
+class NARM(SequentialRecommender):
+    def __init__(self, cfg: ModelConfig, num_items: int) -> None:
+        super().__init__(num_items, history_bias=cfg.history_bias)
+        cfg.validate()
+        self.cfg = cfg
+        d, hidden = cfg.hidden_size, cfg.narm.hidden_size
+        self.max_seq_len = cfg.max_seq_len
+        self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
+        self.emb_drop = nn.Dropout(cfg.narm.embedding_dropout)
+        self.gru = nn.GRU(d, hidden, num_layers=cfg.narm.num_layers, batch_first=True, bias=False)
+        self.a1 = nn.Linear(hidden, hidden, bias=False)
+        self.a2 = nn.Linear(hidden, hidden, bias=False)
+        self.v = nn.Linear(hidden, 1, bias=False)
+        self.ctx_drop = nn.Dropout(cfg.narm.context_dropout)
+        self.decoder = nn.Linear(2 * hidden, d, bias=False)  # B of the bilinear decoder
+        nn.init.normal_(self.item_emb.weight, std=0.02)  # RecBole's NARM init (xavier for the linear maps)
+        for module in (self.a1, self.a2, self.v, self.decoder):
+            nn.init.xavier_normal_(module.weight)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def encode(self, input_ids: Tensor, *, return_topk: bool = False) -> tuple[Tensor, list[MoEAux]]:
+        input_ids = input_ids[:, -self.max_seq_len :]
+        real = input_ids > 0
+        right, pad = left_to_right(input_ids)
+        states, _ = self.gru(self.emb_drop(self.item_emb(right)))
+        states = right_to_left(states, pad) * real.unsqueeze(-1).to(states.dtype)  # [B, L, H], padding rows 0
+        keys = self.a2(states)
+        queries = self.a1(states)
+        L = input_ids.shape[1]
+        may_attend = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril() & real.unsqueeze(1)
+        local = []
+        for start in range(0, L, QUERY_CHUNK):
+            stop = min(start + QUERY_CHUNK, L)
+            energy = self.v(torch.sigmoid(queries[:, start:stop, None, :] + keys[:, None, :, :])).squeeze(-1)
+            weights = energy * may_attend[:, start:stop].to(energy.dtype)  # [B, chunk, L]: j <= t, real j only
+            local.append(weights @ states)
+        context = torch.cat([states, torch.cat(local, dim=1)], dim=-1)
+        hidden = self.decoder(self.ctx_drop(context)) * real.unsqueeze(-1).to(states.dtype)
+        return hidden, []
