@@ -365,12 +365,20 @@ def test_recurrent_models_ignore_leading_padding(kind: str) -> None:
     assert model.encode(long)[0][:, :4].abs().sum() == 0  # padding rows are zero
 
 
-def test_narm_matches_its_formulas_at_every_position() -> None:
-    """Global + unnormalised local attention over h_j (j <= t), concatenated, through the bilinear decoder."""
+@pytest.mark.parametrize("training", [False, True])
+def test_narm_matches_its_formulas_at_every_position(training: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Global + unnormalised local attention over h_j (j <= t), concatenated, through the bilinear decoder; in
+    chunks of 5 positions (so several chunks run), recomputed in the backward pass when training."""
+    from pipeline.model import narm
+
+    monkeypatch.setattr(narm, "QUERY_CHUNK", 5)
     torch.manual_seed(0)
-    model = build_model(small_cfg("narm"), num_items=30).eval()
+    model = build_model(without_dropout(small_cfg("narm")), num_items=30).train(training)
     ids = random_batch(num_items=30)
     hidden, _ = model.encode(ids)
+    if training:
+        hidden.sum().backward()
+        assert model.a1.weight.grad.abs().sum() > 0
     for b in range(len(ids)):
         real = (ids[b] > 0).nonzero().squeeze(1)
         if not len(real):
@@ -385,7 +393,7 @@ def test_narm_matches_its_formulas_at_every_position() -> None:
 
 @pytest.mark.parametrize("length", [1, 5, 16, 37])
 def test_parallel_scan_matches_the_sequential_reference(length: int) -> None:
-    """Forward and gradients of the recursive-doubling scan equal the step-by-step recurrence (float64)."""
+    """Forward and gradients of the parallel (mambapy) scan equal the step-by-step recurrence (float64)."""
     g = torch.Generator().manual_seed(length)
     b, d, n = 3, 6, 4
     inputs = {
@@ -420,7 +428,9 @@ def test_selective_scan_is_the_recurrence() -> None:
 @pytest.mark.parametrize("kernel", ["parallel", "sequential"])
 def test_mamba4rec_kernels_give_the_same_model(kernel: str) -> None:
     torch.manual_seed(0)
-    reference = build_model(small_cfg("mamba4rec"), num_items=30).eval()
+    reference_cfg = small_cfg("mamba4rec")
+    reference_cfg.mamba.scan = "sequential"
+    reference = build_model(reference_cfg, num_items=30).eval()
     cfg = small_cfg("mamba4rec")
     cfg.mamba.scan = kernel
     model = build_model(cfg, num_items=30).eval()
@@ -429,13 +439,46 @@ def test_mamba4rec_kernels_give_the_same_model(kernel: str) -> None:
     torch.testing.assert_close(model.score_next(ids), reference.score_next(ids), atol=1e-5, rtol=1e-5)
 
 
+def test_mamba_block_is_wired_as_mamba() -> None:
+    """Same weights, same output as mambapy's reference Mamba block (same parameter names as mamba_ssm.Mamba)."""
+    from mambapy.mamba import MambaBlock as ReferenceBlock
+    from mambapy.mamba import MambaConfig as ReferenceConfig
+
+    from pipeline.model.mamba4rec import MambaBlock
+
+    torch.manual_seed(0)
+    block = MambaBlock(32, MambaConfig(d_state=8, scan="sequential"))
+    reference = ReferenceBlock(ReferenceConfig(d_model=32, n_layers=1, d_state=8, expand_factor=2, d_conv=4))
+    reference.load_state_dict(block.state_dict())
+    x = torch.randn(3, 11, 32)
+    torch.testing.assert_close(block(x), reference(x), atol=1e-5, rtol=1e-4)
+
+
+def test_single_mamba_layer_is_causal_and_padding_free() -> None:
+    """Mamba4Rec's default (one layer, no residual around it) keeps both properties."""
+    cfg = small_cfg("mamba4rec")
+    cfg.mamba.num_layers = 1
+    model = build_model(cfg, num_items=20).eval()
+    ids = torch.tensor([[0, 0, 3, 4, 5, 6]])
+    later = torch.tensor([[0, 0, 3, 4, 9, 9]])
+    torch.testing.assert_close(model.encode(ids)[0][:, :4], model.encode(later)[0][:, :4])
+    torch.testing.assert_close(model.score_next(ids[:, 2:]), model.score_next(ids))
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and fused_scan_available()), reason="needs CUDA and mamba-ssm")
 def test_fused_cuda_scan_matches_the_parallel_scan() -> None:
+    """Values and gradients of mamba-ssm's kernel against the parallel scan (fast-math build: 1e-4 tolerance)."""
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(2, 50, 16, generator=g), torch.rand(2, 50, 16, generator=g), -torch.rand(16, 8, generator=g)]
     args += [torch.randn(2, 50, 8, generator=g), torch.randn(2, 50, 8, generator=g), torch.randn(16, generator=g)]
-    cuda = [a.cuda() for a in args]
-    torch.testing.assert_close(selective_scan(*cuda, kernel="fused").cpu(), selective_scan(*args, kernel="parallel"))
+    results = {}
+    for kernel, device in (("fused", "cuda"), ("parallel", "cpu")):
+        leaves = [a.to(device).requires_grad_() for a in args]
+        y = selective_scan(*leaves, kernel=kernel)
+        (y * torch.linspace(-1, 1, y.numel(), device=device).view_as(y)).sum().backward()
+        results[kernel] = [y.detach().cpu(), *(leaf.grad.cpu() for leaf in leaves)]
+    for fused, parallel in zip(results["fused"], results["parallel"], strict=True):
+        torch.testing.assert_close(fused, parallel, atol=1e-4, rtol=1e-4)
 
 
 def test_bert4rec_masking_reproducible_and_uses_last_target() -> None:

@@ -21,6 +21,7 @@ in GRU4Rec, so a user's state starts at their first item whatever the padding.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -41,7 +42,13 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     """
     if kernel == "auto":
         kernel = "fused" if u.is_cuda and fused_scan_available() else "parallel"
-    u, delta, A, B, C, D = (_at_least_float32(t) for t in (u, delta, A, B, C, D))
+    if kernel == "fused" and not (u.is_cuda and fused_scan_available()):
+        raise RuntimeError("model.mamba.scan=fused needs a CUDA device and the mamba-ssm package; use auto or parallel")
+    with torch.autocast(u.device.type, enabled=False):  # bf16 einsums would round the states
+        return _selective_scan(*(_at_least_float32(t) for t in (u, delta, A, B, C, D)), kernel)
+
+
+def _selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, kernel: str) -> Tensor:
     if kernel == "fused":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
@@ -74,6 +81,7 @@ def _scan_sequential(decay: Tensor, drive: Tensor) -> Tensor:
     return torch.stack(states, dim=1)
 
 
+@functools.cache
 def fused_scan_available() -> bool:
     try:
         import mamba_ssm.ops.selective_scan_interface  # noqa: F401

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.base import SequentialRecommender, left_to_right, right_to_left
 from pipeline.model.config import ModelConfig
@@ -38,9 +39,8 @@ class NARM(SequentialRecommender):
         self.v = nn.Linear(hidden, 1, bias=False)
         self.ctx_drop = nn.Dropout(cfg.narm.context_dropout)
         self.decoder = nn.Linear(2 * hidden, d, bias=False)  # B of the bilinear decoder
-        nn.init.normal_(self.item_emb.weight, std=0.02)  # RecBole's NARM init (xavier for the linear maps)
-        for module in (self.a1, self.a2, self.v, self.decoder):
-            nn.init.xavier_normal_(module.weight)
+        for weight in (self.item_emb.weight, self.a1.weight, self.a2.weight, self.v.weight, self.decoder.weight):
+            nn.init.xavier_normal_(weight)  # RecBole's NARM init
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
@@ -54,12 +54,19 @@ class NARM(SequentialRecommender):
         queries = self.a1(states)
         L = input_ids.shape[1]
         may_attend = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril() & real.unsqueeze(1)
+        # the [B, chunk, L, H] energies are the largest activation (B L^2 H in all): in training each chunk is
+        # recomputed in the backward pass rather than kept, so memory stays at one chunk's worth at L = 200
+        recompute = self.training and torch.is_grad_enabled()
         local = []
         for start in range(0, L, QUERY_CHUNK):
             stop = min(start + QUERY_CHUNK, L)
-            energy = self.v(torch.sigmoid(queries[:, start:stop, None, :] + keys[:, None, :, :])).squeeze(-1)
-            weights = energy * may_attend[:, start:stop].to(energy.dtype)  # [B, chunk, L]: j <= t, real j only
-            local.append(weights @ states)
+            args = (queries[:, start:stop], keys, states, may_attend[:, start:stop])
+            local.append(checkpoint(self._local, *args, use_reentrant=False) if recompute else self._local(*args))
         context = torch.cat([states, torch.cat(local, dim=1)], dim=-1)
         hidden = self.decoder(self.ctx_drop(context)) * real.unsqueeze(-1).to(states.dtype)
         return hidden, []
+
+    def _local(self, queries: Tensor, keys: Tensor, states: Tensor, may_attend: Tensor) -> Tensor:
+        """c_local for a chunk of positions: sum_j v^T sigmoid(A1 h_t + A2 h_j) h_j over the allowed j."""
+        energy = self.v(torch.sigmoid(queries[:, :, None, :] + keys[:, None, :, :])).squeeze(-1)
+        return (energy * may_attend.to(energy.dtype)) @ states  # [B, chunk, L] @ [B, L, H]: j <= t, real j only
