@@ -9,10 +9,9 @@ lost, lives here only. Usage: ``python benchmarks/mamba_scan.py``.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from child import run_child  # benchmarks/child.py (scripts run from their folder)
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"beauty (B 256, L 50)": (256, 50), "ml-1m (B 64, L 200)": (64, 200)}
@@ -45,18 +44,8 @@ print(best)
 
 
 def run(kernel: str, batch: int, length: int, repeats: int) -> tuple[float, float] | None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, kernel, str(batch), str(length), str(repeats)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    out = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        return None
-    return float(out.strip().splitlines()[-1]), usage.ru_maxrss / 1024
+    out, peak_mib, code = run_child(CHILD, kernel, str(batch), str(length), str(repeats), pythonpath=str(REPO))
+    return None if code else (float(out.strip().splitlines()[-1]), peak_mib)
 
 
 def main() -> None:

@@ -8,13 +8,12 @@ Usage: ``python benchmarks/readers_speed.py --rows 1000000 --baseline ceba4c0``.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from child import run_child  # benchmarks/child.py (scripts run from their folder)
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = """
@@ -58,17 +57,11 @@ def write_inputs(folder: Path, rows: int) -> dict[str, Path]:
 
 
 def measure(code: Path, kind: str, path: Path, repeats: int) -> tuple[float, float]:
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, "u.data" if kind == "u.data" else "custom", str(path), str(repeats)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(code)},
-    )
-    stdout = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status):
+    reader = "u.data" if kind == "u.data" else "custom"
+    stdout, peak_mib, exit_code = run_child(CHILD, reader, str(path), str(repeats), pythonpath=str(code))
+    if exit_code:
         raise SystemExit(f"{kind} with the code in {code} failed")
-    return float(stdout.strip().splitlines()[-1]), usage.ru_maxrss / 1024
+    return float(stdout.strip().splitlines()[-1]), peak_mib
 
 
 def export(ref: str, folder: Path) -> Path:
