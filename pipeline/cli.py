@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(stage: str, err: Exception, code: int) -> int:
-    """One line for the user (details of a multi-line message follow it), the traceback only with --verbose."""
+    """One line for the user, ``error: <stage>: <message>``; the traceback only with --verbose."""
     logging.getLogger("pipeline").debug("%s failed", stage, exc_info=True)
     message = (
         str(err) if not isinstance(err, FileNotFoundError) or not err.filename else f"no such file: {err.filename}"
