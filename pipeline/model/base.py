@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.model.config import ModelConfig
 from pipeline.model.moe import MoEAux
 
 # Adam moves a parameter by about lr per step: the history offset needs a few units (thousands of steps at lr 1e-3,
@@ -41,6 +42,9 @@ class SequentialRecommender(nn.Module):
     ``train_step`` is a buffer the trainer sets (``model.set_train_step(step)``) before each optimiser step;
     the MoE warm-up w(t) reads it, and because it is in the state_dict a resumed run continues the warm-up
     exactly. At evaluation the stored step is used.
+
+    Every model validates its config, keeps it, and owns the item table (ids 0..num_items, 0 = padding, plus
+    ``extra_tokens`` such as BERT4Rec's [MASK]) that doubles as the output layer; each model initialises it.
     """
 
     num_items: int
@@ -48,13 +52,17 @@ class SequentialRecommender(nn.Module):
     item_emb: nn.Embedding
     history_bias: nn.Parameter | None
 
-    def __init__(self, num_items: int, *, history_bias: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, num_items: int, *, extra_tokens: int = 0) -> None:
         super().__init__()
         if num_items < 1:
             raise ValueError(f"num_items must be >= 1, got {num_items}")
+        cfg.validate()
+        self.cfg = cfg
         self.num_items = num_items
+        self.max_seq_len = cfg.max_seq_len
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
-        self.register_parameter("history_bias", nn.Parameter(torch.zeros(())) if history_bias else None)
+        self.register_parameter("history_bias", nn.Parameter(torch.zeros(())) if cfg.history_bias else None)
+        self.item_emb = nn.Embedding(num_items + 1 + extra_tokens, cfg.hidden_size, padding_idx=0)
 
     def set_train_step(self, step: int) -> None:
         self.train_step.fill_(int(step))

@@ -20,12 +20,8 @@ class GRU4Rec(SequentialRecommender):
     trailing padding only follows the real items, so no packing (and no host sync) is needed."""
 
     def __init__(self, cfg: ModelConfig, num_items: int) -> None:
-        super().__init__(num_items, history_bias=cfg.history_bias)
-        cfg.validate()
-        self.cfg = cfg
+        super().__init__(cfg, num_items)
         d = cfg.hidden_size
-        self.max_seq_len = cfg.max_seq_len
-        self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
         self.drop = nn.Dropout(cfg.dropout)
         self.gru = nn.GRU(
             d, d, num_layers=cfg.num_layers, batch_first=True, dropout=cfg.dropout if cfg.num_layers > 1 else 0.0

@@ -149,12 +149,8 @@ class MambaLayer(nn.Module):
 
 class Mamba4Rec(SequentialRecommender):
     def __init__(self, cfg: ModelConfig, num_items: int) -> None:
-        super().__init__(num_items, history_bias=cfg.history_bias)
-        cfg.validate()
-        self.cfg = cfg
+        super().__init__(cfg, num_items)
         d = cfg.hidden_size
-        self.max_seq_len = cfg.max_seq_len
-        self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
         self.drop = nn.Dropout(cfg.mamba.dropout)
         self.norm = nn.LayerNorm(d, eps=1e-12)
         self.layers = nn.ModuleList([MambaLayer(d, cfg.mamba) for _ in range(cfg.mamba.num_layers)])

@@ -26,12 +26,8 @@ QUERY_CHUNK = 32  # positions whose local attention is computed at once: bounds 
 
 class NARM(SequentialRecommender):
     def __init__(self, cfg: ModelConfig, num_items: int) -> None:
-        super().__init__(num_items, history_bias=cfg.history_bias)
-        cfg.validate()
-        self.cfg = cfg
+        super().__init__(cfg, num_items)
         d, hidden = cfg.hidden_size, cfg.narm.hidden_size
-        self.max_seq_len = cfg.max_seq_len
-        self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
         self.emb_drop = nn.Dropout(cfg.narm.embedding_dropout)
         self.gru = nn.GRU(d, hidden, num_layers=cfg.narm.num_layers, batch_first=True, bias=False)
         self.a1 = nn.Linear(hidden, hidden, bias=False)

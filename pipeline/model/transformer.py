@@ -115,14 +115,10 @@ class TransformerRecommender(SequentialRecommender):
     """
 
     def __init__(self, cfg: ModelConfig, num_items: int, *, causal: bool, extra_tokens: int = 0) -> None:
-        super().__init__(num_items, history_bias=cfg.history_bias)
-        cfg.validate()
-        self.cfg = cfg
+        super().__init__(cfg, num_items, extra_tokens=extra_tokens)
         self.causal = causal
-        self.max_seq_len = cfg.max_seq_len
         d = cfg.hidden_size
         activation = "relu" if causal else "gelu"
-        self.item_emb = nn.Embedding(num_items + 1 + extra_tokens, d, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, d)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg, activation) for _ in range(cfg.num_layers)])
