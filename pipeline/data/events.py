@@ -1,7 +1,7 @@
 """The one place where raw text columns become typed events: every reader of every source ends here.
 
 A row is kept only when each field parses *exactly* into its type; otherwise it goes to quarantine with the first
-reason that applies. Nothing wraps, truncates or rounds:
+reason that applies. Nothing wraps or rounds (only date-time strings lose their fraction of a second):
 
 - integer ids must be whole numbers inside the int64 range (``99999999999999999999`` is quarantined, never
   turned into ``-2**63``); ids of string sources stay strings;
