@@ -61,7 +61,7 @@ class SequentialRecommender(nn.Module):
         self.num_items = num_items
         self.max_seq_len = cfg.max_seq_len
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
-        self.register_parameter("history_bias", nn.Parameter(torch.zeros(())) if cfg.history_bias else None)
+        self.register_parameter("history_bias", nn.Parameter(torch.zeros(())) if cfg.uses_history_bias else None)
         self.item_emb = nn.Embedding(num_items + 1 + extra_tokens, cfg.hidden_size, padding_idx=0)
 
     def set_train_step(self, step: int) -> None:

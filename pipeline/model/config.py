@@ -25,7 +25,8 @@ class MoEConfig:
     top_k: int = 2  # (int) K, experts evaluated per token; gates renormalised over these K
     expert_hidden: int = 64  # (int) inner width of each expert FFN
     dense_hidden: int = 256  # (int) inner width of the always-on dense FFN branch
-    router_input: str = "hidden_item"  # (str) hidden | hidden_item | hidden_item_user
+    dense_branch: bool = True  # (bool) False = pure sparse MoE (ablation): y = sum g_i f_i(x), no alpha, no warm-up
+    router_input: str = "hidden"  # (str) hidden | hidden_item | hidden_item_user
     alpha_init: float = 0.0  # (float) initial alpha_param; alpha = sigmoid(alpha_param) * w(t)
     warmup_steps: int = 500  # (int) optimiser steps over which w(t) rises from 0 to 1 (0 = no warm-up)
     warmup_schedule: str = "linear"  # (str) linear | cosine
@@ -108,7 +109,7 @@ class ModelConfig:
     attn_dropout: float = 0.2  # (float) dropout on attention probabilities
     ffn_hidden: int = 256  # (int) FFN inner width of the plain (non-MoE) transformer
     bert_mask_prob: float = 0.2  # (float) BERT4Rec cloze masking probability per real item
-    history_bias: bool = False  # (bool) learn one score offset for items already in the history (causal models)
+    history_bias: bool = True  # (bool) learn one score offset for items already in the history (ignored by BERT4Rec)
     moe: MoEConfig = field(default_factory=MoEConfig)
     narm: NARMConfig = field(default_factory=NARMConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
@@ -117,6 +118,11 @@ class ModelConfig:
     def uses_moe(self) -> bool:
         """Whether the built network has the hybrid MoE: only transformer kinds have an FFN to replace."""
         return self.moe.enabled and self.kind in TRANSFORMER_KINDS
+
+    @property
+    def uses_history_bias(self) -> bool:
+        """Whether the built network has the history bias: BERT4Rec sees the future, so it never gets one."""
+        return self.history_bias and self.kind != "bert4rec"
 
     def validate(self) -> None:
         """Raise ValueError on an inconsistent model setting (MoE settings only checked when MoE is used)."""
@@ -134,8 +140,6 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 < self.bert_mask_prob < 1.0:
             raise ValueError(f"model.bert_mask_prob must be in (0, 1), got {self.bert_mask_prob}")
-        if self.history_bias and self.kind == "bert4rec":
-            raise ValueError("model.history_bias needs a causal model: BERT4Rec sees the future")
         # only the transformers have an FFN: the `moe` section is ignored (not rejected) for the other kinds
         if self.uses_moe:
             self.moe.validate()

@@ -2,6 +2,8 @@
 
     y = FFN_dense(x) + alpha * sum_{i in topK(x)} g_i(x) * f_i(x),    alpha = sigmoid(alpha_param) * w(t)
 
+(``moe.dense_branch: false``, the "pure sparse MoE" ablation, drops FFN_dense and with it alpha: y = sum g_i f_i.)
+
 The dense FFN keeps the plain SASRec path (and its accuracy) from the first step; the experts are faded in by
 the warm-up w(t) so a randomly initialised router cannot disturb early training, and the learned alpha_param lets
 the model decide how much the specialists should count afterwards.
@@ -125,7 +127,7 @@ class HybridMoE(nn.Module):
         E, h = cfg.num_experts, cfg.expert_hidden
         self.num_experts, self.top_k = E, cfg.top_k
         self.act = ACTIVATIONS[activation]
-        self.dense = FeedForward(d_model, cfg.dense_hidden, dropout, activation)
+        self.dense = FeedForward(d_model, cfg.dense_hidden, dropout, activation) if cfg.dense_branch else None
         self.expert_drop = nn.Dropout(dropout if cfg.expert_dropout is None else cfg.expert_dropout)
         n_sources = {"hidden": 1, "hidden_item": 2, "hidden_item_user": 3}[cfg.router_input]
         self.router = nn.Linear(n_sources * d_model, E, bias=False)
@@ -169,8 +171,10 @@ class HybridMoE(nn.Module):
         gates = top_p / top_p.sum(-1, keepdim=True)  # renormalised over the K chosen experts
         route = {"loop": self._loop, "dense": self._dense, "grouped": self._grouped}[impl]
         experts = route(x, top_i, gates)
-        dense = self.dense(x)
         alpha = self.alpha(step)
+        if self.dense is None:  # pure sparse MoE: the experts are the whole FFN, nothing to fade them in beside
+            return experts.to(x.dtype), self._aux(probs, top_i, torch.ones_like(alpha), return_topk)
+        dense = self.dense(x)
         y = dense + alpha.to(dense.dtype) * experts.to(dense.dtype)
         return y, self._aux(probs, top_i, alpha, return_topk)
 

@@ -130,7 +130,8 @@ class TransformerRecommender(SequentialRecommender):
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, std=out_std)
             dense = block.ffn.dense if isinstance(block.ffn, HybridMoE) else block.ffn
-            nn.init.normal_(dense.fc2.weight, std=out_std)
+            if dense is not None:  # None: pure sparse MoE (moe.dense_branch: false)
+                nn.init.normal_(dense.fc2.weight, std=out_std)
             if isinstance(block.ffn, HybridMoE):
                 block.ffn.reset_experts(std=0.02, out_std=out_std)
 

@@ -1,0 +1,95 @@
+"""``python -m pipeline.study``: run the reproduction study (resumable) and write RESULTS.md from its MLflow runs.
+
+python -m pipeline.study status                       # the plan and what is done, per dataset
+python -m pipeline.study run --dataset beauty --threads 1 &   # start it twice: two workers share the plan
+python -m pipeline.study run --dataset beauty --group ablation --variants no-dense --seeds 1
+python -m pipeline.study report                       # RESULTS.md + results/plots/*.png from MLflow
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.params import ParamsError
+from pipeline.study.plan import RECORDS_DIR, WORK_DIR, load_spec, plan
+
+log = logging.getLogger("pipeline.study")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.study", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="parameters file the runs start from")
+    parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="models, checkpoints, prepared data")
+    parser.add_argument("--records", type=Path, default=RECORDS_DIR, help="folder of the committed run records")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("run", "train + evaluate the pending runs"), ("status", "list the plan and its state")):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--dataset", action="append", help="study dataset (repeatable; default: all)")
+        command.add_argument("--group", action="append", help="main | ablation (repeatable; default: all)")
+        command.add_argument("--variants", nargs="+", help="only these variants")
+        command.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
+    sub.choices["run"].add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
+    report = sub.add_parser("report", help="write RESULTS.md and its plots from the study's MLflow runs")
+    report.add_argument("--out", type=Path, default=Path("RESULTS.md"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "report":
+            from pipeline.study.report import write_report
+
+            write_report(args.out, args.records, args.params)
+            return 0
+        spec = load_spec()
+        runs = [
+            run
+            for dataset in args.dataset or list(spec["datasets"])
+            for run in plan(spec, dataset, groups=args.group, variants=args.variants, seeds=args.seeds)
+        ]
+        if args.command == "status":
+            for run in runs:
+                state = "done" if run.record_path(args.records).exists() else "pending"
+                print(f"{run.dataset:8s} {run.group:9s} {run.name:28s} {state}")
+            return 0
+        return run_all(runs, args)
+    except ParamsError as err:
+        print(f"error: study: {err}", file=sys.stderr)
+        return 2
+    except (PipelineError, OSError) as err:
+        print(f"error: study: {err}", file=sys.stderr)
+        return 1
+
+
+def run_all(runs: list, args: argparse.Namespace) -> int:
+    """Every pending run this worker can claim, in plan order; a failed run is reported and the next one starts."""
+    import torch
+
+    from pipeline.study.runner import execute
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    failed = []
+    for run in runs:
+        if run.record_path(args.records).exists():
+            continue
+        try:
+            record = execute(run, args.params, args.work_dir, args.records)
+        except (PipelineError, OSError, RuntimeError) as err:  # a bad run must not stop the rest of the study
+            log.error("study: %s / %s failed: %s", run.dataset, run.name, err, exc_info=True)
+            failed.append(run)
+            continue
+        if record is None:
+            log.info("study: %s / %s is being run by another worker", run.dataset, run.name)
+        else:
+            log.info("study: %s / %s recorded in %s", run.dataset, run.name, record)
+    if failed:
+        log.error("study: %d run(s) failed: %s", len(failed), ", ".join(f"{r.dataset}/{r.name}" for r in failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
