@@ -15,7 +15,7 @@ from pipeline.io import atomic_path  # noqa: E402
 from pipeline.training.log import read_log  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save(fig: plt.Figure, path: Path) -> None:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -45,7 +45,7 @@ def training_curves(log_path: Path, out: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, out)
+    save(fig, out)
 
 
 def bucket_bars(metrics: dict[str, Any], out: Path) -> None:
@@ -63,7 +63,7 @@ def bucket_bars(metrics: dict[str, Any], out: Path) -> None:
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend()
-    _save(fig, out)
+    save(fig, out)
 
 
 def expert_heatmap(load: dict[str, Any], out: Path) -> None:
@@ -71,7 +71,7 @@ def expert_heatmap(load: dict[str, Any], out: Path) -> None:
         fig, ax = plt.subplots(figsize=(5, 1.5))
         ax.text(0.5, 0.5, "no MoE in this model", ha="center", va="center")
         ax.axis("off")
-        _save(fig, out)
+        save(fig, out)
         return
     rows, labels = [], []
     for layer in range(load["layers"]):
@@ -87,4 +87,4 @@ def expert_heatmap(load: dict[str, Any], out: Path) -> None:
     ax.set_yticks(range(len(labels)), labels)
     ax.set_title("expert load (share of top-K assignments)")
     fig.colorbar(image, ax=ax, fraction=0.04)
-    _save(fig, out)
+    save(fig, out)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.params import ParamsError
-from pipeline.study.plan import RECORDS_DIR, WORK_DIR, load_spec, plan
+from pipeline.study.plan import RECORDS_DIR, SPEC_FILE, WORK_DIR, load_spec, plan
 
 log = logging.getLogger("pipeline.study")
 
@@ -26,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="parameters file the runs start from")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="models, checkpoints, prepared data")
     parser.add_argument("--records", type=Path, default=RECORDS_DIR, help="folder of the committed run records")
+    parser.add_argument("--spec", type=Path, default=SPEC_FILE, help="study definition (default: the project's)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "train + evaluate the pending runs"), ("status", "list the plan and its state")):
         command = sub.add_parser(name, help=help_text)
@@ -42,9 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             from pipeline.study.report import write_report
 
-            write_report(args.out, args.records, args.params)
+            write_report(args.out, args.records, args.params, args.spec, args.work_dir)
             return 0
-        spec = load_spec()
+        spec = load_spec(args.spec)
         runs = [
             run
             for dataset in args.dataset or list(spec["datasets"])

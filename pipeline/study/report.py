@@ -1,0 +1,358 @@
+"""``RESULTS.md`` from the study's MLflow runs: tables, significance tests, bucket and expert plots.
+
+Source of truth: the MLflow runs of experiments ``study-<dataset>`` that carry a study record (``study/record.json``,
+attached by the runner). Committed records (``results/``) that the store lacks, e.g. on a fresh machine, are
+imported into it first, so the report is the same wherever it is generated. Per (dataset, variant, seed) the most
+recently finished run counts; a run whose settings differ from what the spec and ``params.yaml`` give today is
+*stale*: listed, never averaged in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.io import write_bytes_atomic
+from pipeline.params import load_params
+from pipeline.study.plan import (
+    EXPERIMENT_PREFIX,
+    RECORDS_DIR,
+    SPEC_FILE,
+    WORK_DIR,
+    Run,
+    config_digest,
+    load_spec,
+    plan,
+    run_params,
+)
+from pipeline.study.runner import decode_per_user, study_tags
+from pipeline.tracking.runs import numeric_metrics
+from pipeline.tracking.store import Tracking
+
+log = logging.getLogger(__name__)
+
+METRICS = ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20")
+RECORD_ARTIFACT = "study/record.json"
+SIGNIFICANCE = 0.05
+PROTOCOL = """\
+- **Split**: chronological leave-one-out per user (last event = test, second to last = validation, the rest
+  trains), users and items with fewer than 5 events removed (5-core).
+- **Ranking**: every item of the catalogue is a candidate (no sampled negatives), padding is never ranked, ties are
+  resolved by their expected rank, items already in the history stay candidates (`evaluate.exclude_seen: false`).
+- **Selection**: each run keeps the epoch with the best *validation* NDCG@10 (early stopping, patience 10); test is
+  read once, after training. Defaults were chosen on validation only.
+- **Figures**: mean ± sample std over seeds (one seed: the value alone). HR@k, NDCG@k, MRR@k over all test users.
+- **Significance**: two-sided Wilcoxon signed-rank test over test users of per-user NDCG@10 (each model's value
+  averaged over its seeds), HyMoERec against each baseline; zero differences dropped, normal approximation with
+  tie correction (`scipy.stats.wilcoxon`). ▲ / ▼: HyMoERec significantly better / worse at p < 0.05.
+- **Settings**: `params.yaml` defaults plus the dataset's and variant's overrides in `pipeline/study/spec.yaml`.
+  Every run is an MLflow run of experiment `study-<dataset>` (tags `study.variant`, `study.seed`; its curves, plots
+  and the record these tables read), and a committed record in `results/<dataset>/<variant>-seed<k>.json`.
+"""
+
+
+@dataclass
+class Variant:
+    name: str
+    label: str
+    group: str
+    records: list[dict[str, Any]]
+    stale: list[dict[str, Any]]
+    pending: list[int]  # seeds planned but not (validly) finished
+
+    def values(self, metric: str) -> list[float]:
+        return [r["metrics"]["test"][metric] for r in self.records]
+
+    def per_user(self) -> np.ndarray:
+        """Per-user test NDCG@10 averaged over the finished seeds."""
+        return np.mean([decode_per_user(r["per_user_test"]) for r in self.records], axis=0)
+
+
+# ----------------------------------------------------------------------------------------------- MLflow
+def import_records(tracking: Tracking, records_dir: Path) -> int:
+    """Log every committed record the store lacks as a run of its study experiment; returns how many."""
+    known = {_key(record) for record in fetch_records(tracking)}
+    imported = 0
+    for path in sorted(records_dir.glob("*/*.json")):
+        record = json.loads(path.read_text())
+        if _key(record) in known:
+            continue
+        experiment = tracking.experiment_id(f"{EXPERIMENT_PREFIX}-{record['dataset']}")
+        tags = {
+            **study_tags(record),
+            "mlflow.runName": f"{record['variant']}-seed{record['seed']}-imported",
+            "study.imported_from": str(path),
+        }
+        run = tracking.call("create run", tracking.client.create_run, experiment, tags=tags)
+        run_id = run.info.run_id
+        from mlflow.entities import Metric
+
+        metrics = [Metric(k, v, 0, 0) for k, v in numeric_metrics(record["metrics"]).items()]
+        for start in range(0, len(metrics), 1000):
+            tracking.call("log metrics", tracking.client.log_batch, run_id, metrics=metrics[start : start + 1000])
+        tracking.call("upload study record", tracking.client.log_dict, run_id, record, RECORD_ARTIFACT)
+        tracking.call("end run", tracking.client.set_terminated, run_id, status="FINISHED")
+        imported += 1
+    return imported
+
+
+def fetch_records(tracking: Tracking) -> list[dict[str, Any]]:
+    """The study record of every run in the study experiments (each tagged with its MLflow run id)."""
+    experiments = [
+        e.experiment_id
+        for e in tracking.call("list experiments", tracking.client.search_experiments)
+        if e.name.startswith(f"{EXPERIMENT_PREFIX}-")
+    ]
+    if not experiments:
+        return []
+    runs = tracking.call(
+        "search runs",
+        tracking.client.search_runs,
+        experiments,
+        filter_string="tags.`study.variant` LIKE '%'",
+        max_results=5000,
+    )
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            path = tracking.call(
+                "download study record", tracking.client.download_artifacts, run.info.run_id, RECORD_ARTIFACT, tmp
+            )
+            record = json.loads(Path(path).read_text())
+            record["mlflow_run_id"] = run.info.run_id
+            records.append(record)
+    return records
+
+
+def _key(record: dict[str, Any]) -> tuple[str, str, int, str, str]:
+    return record["dataset"], record["variant"], record["seed"], record["config_digest"], record["finished"]
+
+
+# ----------------------------------------------------------------------------------------------- assembly
+def assemble(
+    records: list[dict[str, Any]], spec: dict[str, Any], params_file: str | Path, work_dir: Path = WORK_DIR
+) -> dict[str, list[Variant]]:
+    """Per dataset, the spec's variants with their valid records (latest per seed), stale runs and pending seeds."""
+    latest: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for record in records:
+        key = (record["dataset"], record["variant"], record["seed"])
+        if key not in latest or record["finished"] > latest[key]["finished"]:
+            latest[key] = record
+    out: dict[str, list[Variant]] = {}
+    for dataset in spec["datasets"]:
+        by_variant: dict[str, list[Run]] = defaultdict(list)
+        for run in plan(spec, dataset):
+            by_variant[run.variant].append(run)
+        variants = []
+        for name, runs in by_variant.items():
+            valid, stale, pending = [], [], []
+            for run in runs:
+                record = latest.get((dataset, name, run.seed))
+                if record is None:
+                    pending.append(run.seed)
+                elif record["config_digest"] != config_digest(run_params(run, params_file, work_dir)):
+                    stale.append(record)
+                    pending.append(run.seed)
+                else:
+                    valid.append(record)
+            label = spec["variants"][name].get("label", name)
+            variants.append(Variant(name, label, spec["variants"][name]["group"], valid, stale, pending))
+        out[dataset] = variants
+    return out
+
+
+def wilcoxon_p(ours: np.ndarray, theirs: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired per-user values (1.0 when every pair ties)."""
+    from scipy.stats import wilcoxon
+
+    if not np.any(ours != theirs):
+        return 1.0
+    return float(wilcoxon(ours, theirs, zero_method="wilcox", method="approx").pvalue)
+
+
+def mean_std(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+# ----------------------------------------------------------------------------------------------- tables
+def comparison_table(variants: list[Variant], reference: str = "hymoerec") -> list[str]:
+    ref = next((v for v in variants if v.name == reference and v.records), None)
+    ref_users = ref.per_user() if ref else None
+    header = "| model | seeds | " + " | ".join(m.upper() for m in METRICS) + " | vs HyMoERec: Δ NDCG@10, p |"
+    lines = [header, "|---" * (len(METRICS) + 3) + "|"]
+    for variant in variants:
+        if not variant.records:
+            continue
+        cells = [mean_std(variant.values(metric)) for metric in METRICS]
+        best = f"**{variant.label}**" if variant.name == reference else variant.label
+        cells.append(versus(ref, ref_users, variant))
+        lines.append(f"| {best} | {len(variant.records)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def versus(ref: Variant | None, ref_users: np.ndarray | None, variant: Variant) -> str:
+    if ref is None or ref_users is None or variant is ref:
+        return "–"
+    if len({r["per_user_test"]["users_sha256"] for r in ref.records + variant.records}) != 1:
+        return "test users differ"
+    theirs = variant.per_user()
+    p = wilcoxon_p(ref_users, theirs)
+    delta = float(ref_users.mean() - theirs.mean())
+    mark = ("▲" if delta > 0 else "▼") if p < SIGNIFICANCE else ""
+    return f"{delta:+.4f}, p = {format_p(p)} {mark}".rstrip()
+
+
+def format_p(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-4 else "< 1e-4"
+
+
+def bucket_table(variants: list[Variant]) -> list[str]:
+    from pipeline.study.plots import BUCKETS
+
+    titles = [
+        f"{name} ({'popularity' if key.endswith('popularity') else 'history'})"
+        for key, names, _ in BUCKETS
+        for name in names
+    ]
+    lines = ["| model | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|"]
+    for variant in variants:
+        if not variant.records:
+            continue
+        cells = [
+            mean_std([r["metrics"][key][name].get("ndcg@10", math.nan) for r in variant.records])
+            for key, names, _ in BUCKETS
+            for name in names
+        ]
+        lines.append(f"| {variant.label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def speed_table(variants: list[Variant]) -> list[str]:
+    lines = [
+        "| model | seeds | s / epoch (median) | epochs run (best) | s to best validation | torch threads |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant in variants:
+        if not variant.records:
+            continue
+        per_epoch = [statistics.median(r["epoch_seconds"]) for r in variant.records]
+        epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']})" for r in variant.records)
+        to_best = mean_std([r["seconds_to_best"] for r in variant.records], digits=0)
+        threads = ", ".join(sorted({str(r["torch_threads"]) for r in variant.records}))
+        lines.append(
+            f"| {variant.label} | {len(variant.records)} | {statistics.mean(per_epoch):.1f} | {epochs} | "
+            f"{to_best} | {threads} |"
+        )
+    return lines
+
+
+def status_lines(variants: list[Variant]) -> list[str]:
+    lines = []
+    for variant in variants:
+        if variant.pending:
+            lines.append(f"- {variant.label}: seed(s) {', '.join(map(str, variant.pending))} not finished yet")
+        for record in variant.stale:
+            lines.append(
+                f"- {variant.label} seed {record['seed']}: finished with other settings (config "
+                f"{record['config_digest']}, commit {str(record['git_commit'])[:10]}): stale, not counted"
+            )
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- the document
+def write_report(
+    out: Path,
+    records_dir: Path = RECORDS_DIR,
+    params_file: str | Path = "params.yaml",
+    spec_file: Path = SPEC_FILE,
+    work_dir: Path = WORK_DIR,
+) -> Path:
+    """Import missing committed records, then write ``out`` and its plots (beside the records) from MLflow."""
+    params = load_params(params_file)
+    tracking = Tracking.from_params(params)
+    imported = import_records(tracking, records_dir)
+    if imported:
+        log.info("report: imported %d committed record(s) into %s", imported, tracking.uri)
+    spec = load_spec(spec_file)
+    by_dataset = assemble(fetch_records(tracking), spec, params_file, work_dir)
+
+    lines = [
+        "# Results",
+        "",
+        "<!-- generated by `python -m pipeline.study report` from the study's MLflow runs: do not edit by hand -->",
+        "",
+        "HyMoERec against its own SASRec (the same network without the experts) and four published baselines,",
+        "trained and evaluated by this project's trainer and evaluator. Runs: `python -m pipeline.study run` (see the",
+        "README); plan and state: `python -m pipeline.study status`.",
+        "",
+        "## Protocol",
+        "",
+        PROTOCOL,
+    ]
+    for dataset, variants in by_dataset.items():
+        data = spec["datasets"][dataset]
+        main = [v for v in variants if v.group == "main"]
+        ablations = [v for v in variants if v.group == "ablation"]
+        done = sum(len(v.records) for v in variants)
+        planned = done + sum(len(v.pending) for v in variants)
+        lines += [f"## {dataset}", "", f"{data['description']}. {done} of {planned} planned runs finished.", ""]
+        if not done:
+            lines += ["No finished run yet.", ""]
+        else:
+            lines += dataset_sections(dataset, spec, main, ablations, records_dir, out)
+        pending = status_lines(variants)
+        if pending:
+            lines += ["### Not yet in the tables", "", *pending, ""]
+    write_bytes_atomic(out, ("\n".join(lines).rstrip() + "\n").encode())
+    log.info("report: wrote %s", out)
+    return out
+
+
+def dataset_sections(
+    dataset: str, spec: dict[str, Any], main: list[Variant], ablations: list[Variant], records_dir: Path, out: Path
+) -> list[str]:
+    from pipeline.study import plots
+
+    published = spec.get("published", {})
+    lines = ["### Comparison", "", *comparison_table(main), ""]
+    if published.get(dataset):
+        lines += ["Published figures (other code and preprocessing: for orientation, not like-for-like rows):", ""]
+        lines += published_table(published[dataset]) + [""]
+    lines += ["### Where the gain comes from", "", "Test NDCG@10 by bucket:", "", *bucket_table(main), ""]
+    for picture in plots.draw(dataset, main, records_dir / "plots"):
+        lines += [f"![{picture.stem}]({os.path.relpath(picture, out.parent)})", ""]
+    if any(v.records for v in ablations):
+        reference = [v for v in main if v.name == spec["groups"]["ablation"].get("base")]
+        lines += ["### Ablations", "", *comparison_table(reference + ablations), ""]
+    lines += [
+        "### Training time",
+        "",
+        "As the runs went: several workers shared the machine (one torch thread each), so compare models in the",
+        "side-by-side measurements of BENCHMARKS.md, not here. Seconds per epoch include the full-ranking validation.",
+        "",
+        *speed_table(main + ablations),
+        "",
+    ]
+    return lines
+
+
+def published_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| model | HR@10 | NDCG@10 | MRR@10 | source |", "|---|---|---|---|---|"]
+    for row in rows:
+        cells = [f"{row[m]:.4f}" if row.get(m) is not None else "–" for m in ("hr@10", "ndcg@10", "mrr@10")]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {row['source']} |")
+    return lines

@@ -1,0 +1,150 @@
+"""The reproduction study end to end on a tiny spec: plan, resumable runs, records, MLflow, RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.study.__main__ import main
+from pipeline.study.plan import load_spec, plan, run_params
+from pipeline.study.report import wilcoxon_p
+from pipeline.study.runner import claimed, decode_per_user, encode_per_user
+from tests.conftest import REPO_ROOT, TINY_MODEL
+
+TINY_SPEC = {
+    "datasets": {
+        "synthetic": {
+            "description": "tiny synthetic logs",
+            "overrides": {
+                "data.dataset": "synthetic",
+                "data.synthetic.n_users": 150,
+                "data.synthetic.n_items": 60,
+                "data.synthetic.mean_events_per_user": 12.0,
+                "model.max_seq_len": 12,
+                "train.epochs": 2,
+                "train.batch_size": 64,
+                **TINY_MODEL,
+            },
+            "seeds": [1, 2],
+            "seeds_by_variant": {"no-dense": [1]},
+        }
+    },
+    "groups": {
+        "main": {"datasets": ["synthetic"], "title": "Comparison"},
+        "ablation": {"datasets": ["synthetic"], "base": "hymoerec", "title": "Ablations"},
+    },
+    "variants": {
+        "hymoerec": {"group": "main", "label": "HyMoERec", "overrides": {"model.kind": "hymoerec"}},
+        "sasrec": {"group": "main", "label": "SASRec", "overrides": {"model.moe.enabled": False}},
+        "no-dense": {"group": "ablation", "label": "pure sparse", "overrides": {"model.moe.dense_branch": False}},
+    },
+    "published": {"synthetic": [{"model": "Elsewhere", "hr@10": 0.5, "ndcg@10": 0.25, "source": "a paper"}]},
+}
+
+
+@pytest.fixture
+def study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(TINY_SPEC, sort_keys=False))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    return tmp_path
+
+
+def cli(study: Path, *args: str, params: Path = REPO_ROOT / "params.yaml") -> int:
+    common = ["--params", str(params), "--spec", str(study / "spec.yaml"), "--work-dir", str(study / "work")]
+    return main([*common, "--records", str(study / "results"), *args])
+
+
+def test_the_project_spec_plans_the_issue_table() -> None:
+    spec = load_spec()
+    beauty = plan(spec, "beauty")
+    main_runs = [(r.variant, r.seed) for r in beauty if r.group == "main"]
+    models = ("hymoerec", "sasrec", "gru4rec", "narm", "bert4rec", "mamba4rec")
+    assert sorted(main_runs) == sorted((m, s) for m in models for s in (1, 2, 3))
+    assert [r.seed for r in beauty if r.group == "main"] == sorted(r.seed for r in beauty if r.group == "main")
+    assert {r.variant for r in beauty if r.group == "ablation"} >= {"no-dense", "no-warmup", "no-balance", "top-1"}
+    ml = plan(spec, "ml-1m")
+    assert {(r.variant, len([x for x in ml if x.variant == r.variant])) for r in ml} == {
+        ("hymoerec", 3),
+        ("sasrec", 3),
+        ("gru4rec", 1),
+        ("narm", 1),
+        ("bert4rec", 1),
+        ("mamba4rec", 1),
+    }
+    assert not [r for r in ml if r.group == "ablation"]  # ablations are Beauty-only
+    params = run_params(next(r for r in ml if r.variant == "sasrec"), REPO_ROOT / "params.yaml")
+    assert (params.model.max_seq_len, params.model.moe.enabled, params.mlflow.experiment_prefix) == (
+        200,
+        False,
+        "study",
+    )
+    ablation = run_params(next(r for r in beauty if r.variant == "no-dense"), REPO_ROOT / "params.yaml")
+    assert ablation.model.uses_moe and not ablation.model.moe.dense_branch and ablation.model.dropout == 0.5
+
+
+def test_per_user_values_round_trip_and_the_test_is_paired() -> None:
+    rng = np.random.default_rng(0)
+    values = np.where(rng.random(1000) < 0.9, 0.0, rng.random(1000)).astype(np.float32)
+    block = encode_per_user(np.arange(1000), values)
+    np.testing.assert_array_equal(decode_per_user(block), values)
+    assert len(block["data"]) < 0.5 * values.nbytes  # mostly zeros: packs well
+    assert wilcoxon_p(values, values) == 1.0
+    better = values + np.where(values > 0, 0.05, 0.0)
+    assert wilcoxon_p(better, values) < 1e-6
+    noise = values + rng.normal(0, 0.01, 1000) * (values > 0)
+    assert wilcoxon_p(noise, values) > 0.01
+
+
+def test_a_claimed_run_is_skipped_by_a_second_worker(tmp_path: Path) -> None:
+    with claimed(tmp_path / "run.lock", wait=False) as first, claimed(tmp_path / "run.lock", wait=False) as second:
+        assert first and not second
+    with claimed(tmp_path / "run.lock", wait=False) as again:
+        assert again  # released with the block
+
+
+def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cli(study, "run", "--seeds", "1", "--threads", "1") == 0
+    records = sorted(p.name for p in (study / "results" / "synthetic").glob("*.json"))
+    assert records == ["hymoerec-seed1.json", "no-dense-seed1.json", "sasrec-seed1.json"]
+    record = json.loads((study / "results" / "synthetic" / "hymoerec-seed1.json").read_text())
+    assert record["epochs_run"] == 2 and len(record["epoch_seconds"]) == 2 and record["torch_threads"] == 1
+    assert decode_per_user(record["per_user_test"]).mean() == pytest.approx(record["metrics"]["test"]["ndcg@10"])
+    sasrec = json.loads((study / "results" / "synthetic" / "sasrec-seed1.json").read_text())
+    assert sasrec["settings"]["model.moe.enabled"] is False and record["config_digest"] != sasrec["config_digest"]
+
+    mtime = (study / "results" / "synthetic" / "hymoerec-seed1.json").stat().st_mtime
+    assert cli(study, "run", "--seeds", "1") == 0  # finished runs are skipped, not retrained
+    assert (study / "results" / "synthetic" / "hymoerec-seed1.json").stat().st_mtime == mtime
+    assert cli(study, "run", "--variants", "hymoerec", "sasrec", "--seeds", "2", "--threads", "1") == 0
+
+    out = study / "RESULTS.md"
+    assert cli(study, "report", "--out", str(out)) == 0
+    text = out.read_text()
+    hymoerec_row = next(line for line in text.splitlines() if line.startswith("| **HyMoERec** | 2 |"))
+    ndcg = [json.loads(p.read_text())["metrics"]["test"]["ndcg@10"] for p in (study / "results").glob("*/hymoerec*")]
+    assert f"{np.mean(ndcg):.4f} ± {np.std(ndcg, ddof=1):.4f}" in hymoerec_row
+    sasrec_row = next(line for line in text.splitlines() if line.startswith("| SASRec | 2 |"))
+    assert "p = " in sasrec_row  # paired test against HyMoERec
+    assert "| pure sparse | 1 |" in text and "| Elsewhere | 0.5000 | 0.2500 | – | a paper |" in text
+    assert "![synthetic-buckets](results/plots/synthetic-buckets.png)" in text
+    assert (study / "results" / "plots" / "synthetic-buckets.png").stat().st_size > 1000
+    assert (study / "results" / "plots" / "synthetic-experts-seed1.png").exists()
+    assert "not finished" not in text  # all five planned runs are in
+
+    # a fresh machine: an empty MLflow store, only the committed records -> the same tables
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{study / 'fresh' / 'mlflow.db'}")
+    assert cli(study, "report", "--out", str(study / "again.md")) == 0
+    assert (study / "again.md").read_text() == text
+
+    # a changed default makes the finished runs stale: listed, never averaged in
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["train"]["lr"] = 0.002
+    (study / "params.yaml").write_text(yaml.safe_dump(params))
+    assert cli(study, "report", "--out", str(study / "stale.md"), params=study / "params.yaml") == 0
+    stale = (study / "stale.md").read_text()
+    assert "| **HyMoERec** |" not in stale and "HyMoERec seed 1: finished with other settings" in stale
