@@ -303,3 +303,25 @@ def test_summarise_means_and_rejects_empty() -> None:
     }
     with pytest.raises(ValueError):
         summarise({"hr@1": np.array([])})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unmasked_fast_count_equals_the_masked_count(seed: int) -> None:
+    """Without exclusions rank_statistics counts over all columns and takes padding and target back out."""
+    scores = _tied_scores(64, 40, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    scores[:, 0] = torch.randint(-1, 5, (64,), generator=gen).float()  # padding sometimes ties or beats the target
+    scores[::7] = -math.inf  # rows where every score, the target's too, is -inf
+    targets = torch.randint(1, 40, (64,), generator=gen)
+    fast = rank_statistics(scores, targets)
+    masked = rank_statistics(scores, targets, [[] for _ in range(64)])
+    assert torch.equal(fast[0], masked[0]) and torch.equal(fast[1], masked[1])
+    assert fast[0].dtype == masked[0].dtype == torch.long
+
+
+def test_freed_host_memory_is_kept_on_glibc() -> None:
+    import platform
+
+    from pipeline.cpu_memory import keep_freed_memory
+
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.evaluation.metrics import EvalBatch
 from pipeline.model import (
     BERT4Rec,
     HybridMoE,
@@ -780,3 +781,53 @@ def test_scores_stay_float32_under_bf16_autocast() -> None:
         autocast = score_items(hidden, table, 50)
     assert autocast.dtype == torch.float32
     assert torch.equal(plain, autocast)
+
+
+# ---------------------------------------------------------------- evaluation batching and dropout
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ranking_by_length_in_trimmed_chunks_equals_full_width_scoring(kind: str) -> None:
+    """rank_split sorts users by history length and cuts each chunk to its longest history; the per-user results
+    are those of scoring every user alone at the full window, in the split's order."""
+    import numpy as np
+
+    from pipeline.evaluation.metrics import full_ranking_metrics, metric_names
+    from pipeline.evaluation.ranking import rank_split
+    from pipeline.training.data import EvalSplit, gather_windows
+
+    torch.manual_seed(0)
+    model = build_model(small_cfg(kind), num_items=30).eval()
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 20, size=23)  # some longer than the window of 12
+    values = rng.integers(1, 31, size=int(lengths.sum())).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    inputs = gather_windows(values, offsets[:-1], offsets[1:], 12)
+    split = EvalSplit(np.arange(23, dtype=np.int32), inputs, rng.integers(1, 31, size=23), offsets, values)
+    got = rank_split(model, split, ks=(5, 10), exclude_seen=False, batch_size=4, device=torch.device("cpu"))
+    for row in range(len(split)):
+        alone = full_ranking_metrics(
+            lambda b: model.score_next(b.inputs),
+            [EvalBatch(torch.tensor(split.targets[row : row + 1]), inputs=torch.from_numpy(inputs[row : row + 1]))],
+            30,
+            (5, 10),
+            exclude_seen=False,
+        )
+        for name in metric_names((5, 10)):
+            assert got[name][row] == pytest.approx(alone[name][0], abs=1e-12), (name, row)
+    seen = rank_split(model, split, ks=(10,), exclude_seen=True, batch_size=5, device=torch.device("cpu"))
+    assert all(seen["hr@10"] >= got["hr@10"] - 1e-12)  # dropping seen items only lifts the target
+
+
+def test_dropout_keeps_the_expected_share_and_scales() -> None:
+    from pipeline.model.dropout import Dropout
+
+    drop = Dropout(0.3)
+    x = torch.ones(200_000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.01)
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.7))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient passes the same mask and scale
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0)(x), x)

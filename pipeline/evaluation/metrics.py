@@ -71,11 +71,18 @@ def rank_statistics(scores: Tensor, targets: Tensor, exclude: Exclude | None = N
     scores = _as_scores(scores)
     num_rows, num_cols = scores.shape
     targets = _check_targets(targets, num_rows, num_cols, scores.device)
-    counted = _counted_mask(scores, targets, exclude)
     target_scores = scores.gather(1, targets[:, None])
-    greater = ((scores > target_scores) & counted).sum(dim=1)
-    ties = ((scores == target_scores) & counted).sum(dim=1)
-    return greater, ties
+    if exclude is None:
+        # fast path: count over every column, then take the padding column and the target itself back out.
+        # int32 sums: summing a bool matrix to int64 first copies it to 8 bytes per entry (3x slower on CPU)
+        padding = scores[:, :1]
+        greater = (scores > target_scores).sum(1, dtype=torch.int32) - (padding > target_scores).squeeze(1).int()
+        ties = (scores == target_scores).sum(1, dtype=torch.int32) - 1 - (padding == target_scores).squeeze(1).int()
+        return greater.long(), ties.long()
+    counted = _counted_mask(scores, targets, exclude)
+    greater = ((scores > target_scores) & counted).sum(dim=1, dtype=torch.int32)
+    ties = ((scores == target_scores) & counted).sum(dim=1, dtype=torch.int32)
+    return greater.long(), ties.long()
 
 
 def metrics_from_rank_stats(

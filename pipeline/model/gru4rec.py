@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from pipeline.model.base import SequentialRecommender, left_to_right, right_to_left
 from pipeline.model.config import ModelConfig
+from pipeline.model.dropout import Dropout
 from pipeline.model.moe import MoEAux
 
 
@@ -22,7 +23,7 @@ class GRU4Rec(SequentialRecommender):
     def __init__(self, cfg: ModelConfig, num_items: int) -> None:
         super().__init__(cfg, num_items)
         d = cfg.hidden_size
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.gru = nn.GRU(
             d, d, num_layers=cfg.num_layers, batch_first=True, dropout=cfg.dropout if cfg.num_layers > 1 else 0.0
         )

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from pipeline.model.base import SequentialRecommender, left_to_right, right_to_left
 from pipeline.model.config import MambaConfig, ModelConfig
+from pipeline.model.dropout import Dropout
 from pipeline.model.moe import MoEAux
 
 
@@ -126,7 +127,7 @@ class PointwiseFeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(d_model, 4 * d_model)
         self.fc2 = nn.Linear(4 * d_model, d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm = nn.LayerNorm(d_model, eps=1e-12)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -138,7 +139,7 @@ class MambaLayer(nn.Module):
         super().__init__()
         self.residual = cfg.num_layers > 1  # Mamba4Rec drops the residual around a single layer
         self.mamba = MambaBlock(d_model, cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.norm = nn.LayerNorm(d_model, eps=1e-12)
         self.ffn = PointwiseFeedForward(d_model, cfg.dropout)
 
@@ -151,7 +152,7 @@ class Mamba4Rec(SequentialRecommender):
     def __init__(self, cfg: ModelConfig, num_items: int) -> None:
         super().__init__(cfg, num_items)
         d = cfg.hidden_size
-        self.drop = nn.Dropout(cfg.mamba.dropout)
+        self.drop = Dropout(cfg.mamba.dropout)
         self.norm = nn.LayerNorm(d, eps=1e-12)
         self.layers = nn.ModuleList([MambaLayer(d, cfg.mamba) for _ in range(cfg.mamba.num_layers)])
         self.apply(self._init_weights)

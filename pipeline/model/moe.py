@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.model.config import MoEConfig
+from pipeline.model.dropout import Dropout
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
@@ -87,7 +88,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(d_model, hidden)
         self.fc2 = nn.Linear(hidden, d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -128,7 +129,7 @@ class HybridMoE(nn.Module):
         self.num_experts, self.top_k = E, cfg.top_k
         self.act = ACTIVATIONS[activation]
         self.dense = FeedForward(d_model, cfg.dense_hidden, dropout, activation) if cfg.dense_branch else None
-        self.expert_drop = nn.Dropout(dropout if cfg.expert_dropout is None else cfg.expert_dropout)
+        self.expert_drop = Dropout(dropout if cfg.expert_dropout is None else cfg.expert_dropout)
         n_sources = {"hidden": 1, "hidden_item": 2, "hidden_item_user": 3}[cfg.router_input]
         self.router = nn.Linear(n_sources * d_model, E, bias=False)
         self.w1 = nn.Parameter(torch.empty(E, d_model, h))

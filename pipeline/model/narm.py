@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.base import SequentialRecommender, left_to_right, right_to_left
 from pipeline.model.config import ModelConfig
+from pipeline.model.dropout import Dropout
 from pipeline.model.moe import MoEAux
 
 QUERY_CHUNK = 32  # positions whose local attention is computed at once: bounds the [B, chunk, L, H] activation
@@ -28,12 +29,12 @@ class NARM(SequentialRecommender):
     def __init__(self, cfg: ModelConfig, num_items: int) -> None:
         super().__init__(cfg, num_items)
         d, hidden = cfg.hidden_size, cfg.narm.hidden_size
-        self.emb_drop = nn.Dropout(cfg.narm.embedding_dropout)
+        self.emb_drop = Dropout(cfg.narm.embedding_dropout)
         self.gru = nn.GRU(d, hidden, num_layers=cfg.narm.num_layers, batch_first=True, bias=False)
         self.a1 = nn.Linear(hidden, hidden, bias=False)
         self.a2 = nn.Linear(hidden, hidden, bias=False)
         self.v = nn.Linear(hidden, 1, bias=False)
-        self.ctx_drop = nn.Dropout(cfg.narm.context_dropout)
+        self.ctx_drop = Dropout(cfg.narm.context_dropout)
         self.decoder = nn.Linear(2 * hidden, d, bias=False)  # B of the bilinear decoder
         for weight in (self.item_emb.weight, self.a1.weight, self.a2.weight, self.v.weight, self.decoder.weight):
             nn.init.xavier_normal_(weight)  # RecBole's NARM init

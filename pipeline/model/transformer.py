@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from pipeline.model.base import LossOutput, SequentialRecommender, score_items
 from pipeline.model.config import ModelConfig
+from pipeline.model.dropout import Dropout
 from pipeline.model.moe import FeedForward, HybridMoE, MoEAux
 
 
@@ -59,7 +60,7 @@ class Block(nn.Module):
             self.ffn = HybridMoE(d, cfg.moe, dropout=cfg.dropout, activation=activation)
         else:
             self.ffn = FeedForward(d, cfg.ffn_hidden, cfg.dropout, activation)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -120,7 +121,7 @@ class TransformerRecommender(SequentialRecommender):
         d = cfg.hidden_size
         activation = "relu" if causal else "gelu"
         self.pos_emb = nn.Embedding(cfg.max_seq_len, d)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg, activation) for _ in range(cfg.num_layers)])
         self.ln_f = nn.LayerNorm(d)
         self.router_input = cfg.moe.router_input if cfg.uses_moe else None

@@ -82,11 +82,11 @@ class EvalSplit:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def seen(self, start: int, stop: int) -> np.ndarray:
-        """Full histories of rows [start, stop) as a 0-padded matrix (0 = padding, never an item)."""
-        offsets = self.history_offsets[start : stop + 1]
-        width = max(1, int(np.diff(offsets).max(initial=0)))
-        return gather_windows(self.history_values, offsets[:-1], offsets[1:], width)
+    def seen(self, rows: np.ndarray) -> np.ndarray:
+        """Full histories of ``rows`` as a 0-padded matrix (0 = padding, never an item)."""
+        starts, ends = self.history_offsets[rows], self.history_offsets[rows + 1]
+        width = max(1, int((ends - starts).max(initial=0)))
+        return gather_windows(self.history_values, starts, ends, width)
 
 
 def eval_split(table: pa.Table, max_seq_len: int) -> EvalSplit:

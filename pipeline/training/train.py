@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from pipeline.cpu_memory import keep_freed_memory
 from pipeline.data.preprocess import PreprocessOutputs
 from pipeline.errors import BadInputError
 from pipeline.evaluation.metrics import summarise
@@ -69,11 +70,15 @@ class TrainState:
 
 
 def pick_device(choice: str) -> torch.device:
+    """The device to run on; on the CPU, freed tensor memory is also kept for reuse (:mod:`pipeline.cpu_memory`)."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise ParamsError("train.device is 'cuda' but no CUDA device is available: set train.device to auto or cpu")
     if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(choice)
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device
 
 
 def autocast_dtype(amp: bool, device: torch.device) -> torch.dtype | None:

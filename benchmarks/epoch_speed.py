@@ -1,0 +1,109 @@
+"""Epoch time and full-ranking time of every model, side by side in one run (issue 12's speed targets).
+
+Each (code tree, model) case runs in its own process (own peak RSS): ``train()`` for ``--epochs`` epochs on a
+prepared dataset (MLflow off, nothing resumed), the reported epoch time being the median of the epochs after the
+first (each includes the full-ranking validation of every user, as in a real run), then the trained model ranks
+every test user against the whole catalogue once (``rank all``). ``--code OLD=/path/to/checkout`` adds another
+code tree (e.g. a ``git worktree`` of an older commit) so before/after figures come from the same run.
+
+    python benchmarks/epoch_speed.py --processed data/study/beauty/data/processed --threads 2 \\
+        --set model.dropout=0.5 --set model.attn_dropout=0.5 --set train.eval_batch_size=1024
+
+Run it on a quiet machine (nothing else training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from child import run_child  # benchmarks/child.py (scripts run from their folder)
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "hymoerec": {"model.kind": "hymoerec", "model.moe.enabled": True},
+    "sasrec": {"model.kind": "hymoerec", "model.moe.enabled": False},
+    "gru4rec": {"model.kind": "gru4rec"},
+    "narm": {"model.kind": "narm"},
+    "bert4rec": {"model.kind": "bert4rec"},
+    "mamba4rec": {"model.kind": "mamba4rec"},
+}
+CHILD = """
+import json, sys, tempfile, time
+from pathlib import Path
+import pyarrow.parquet as pq
+import torch
+from pipeline.params import load_params
+from pipeline.training.train import train, load_trained_model, pick_device
+from pipeline.training.data import eval_split
+from pipeline.training.log import read_log
+from pipeline.evaluation.ranking import rank_split
+
+tree, processed, threads, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+overrides = json.loads(sys.argv[5])
+torch.set_num_threads(threads)
+with tempfile.TemporaryDirectory() as tmp:
+    params = load_params(f"{tree}/params.yaml", {
+        **overrides, "preprocess.processed_dir": processed, "train.model_dir": tmp, "train.epochs": epochs,
+        "train.patience": epochs, "train.resume": False, "mlflow.enabled": False, "train.device": "cpu",
+    })
+    train(params)
+    seconds = [row["epoch_seconds"] for row in read_log(Path(tmp) / "train_log.csv")]
+    model = load_trained_model(tmp, pick_device("cpu"))
+    test = eval_split(pq.read_table(f"{processed}/test.parquet"), model.max_seq_len)
+    start = time.perf_counter()
+    rank_split(model, test, ks=(10, 20), exclude_seen=False, batch_size=params.train.eval_batch_size,
+               device=torch.device("cpu"))
+    print(json.dumps({"epoch_seconds": seconds, "rank_all_seconds": time.perf_counter() - start, "users": len(test)}))
+"""
+
+
+def measure(tree: Path, processed: Path, threads: int, epochs: int, overrides: dict) -> dict | None:
+    out, peak_mib, code = run_child(
+        CHILD, str(tree), str(processed), str(threads), str(epochs), json.dumps(overrides), pythonpath=str(tree)
+    )
+    if code:
+        return None
+    result = json.loads(out.strip().splitlines()[-1])
+    later = result["epoch_seconds"][1:] or result["epoch_seconds"]
+    return {**result, "epoch": statistics.median(later), "peak_mib": peak_mib}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processed", type=Path, required=True, help="preprocess output folder of the dataset")
+    parser.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--code", action="append", default=[], metavar="LABEL=PATH", help="another code tree")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (YAML)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per case (the first is not counted)")
+    args = parser.parse_args()
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    trees = [("this", REPO)] + [(label, Path(path)) for label, _, path in (c.partition("=") for c in args.code)]
+    rows = []
+    processed = args.processed.resolve()
+    for label, tree in trees:
+        for model in args.models:
+            result = measure(tree, processed, args.threads, args.epochs, {**overrides, **VARIANTS[model]})
+            rows.append((label, model, result))
+            print(f"{label} {model}: {result}", flush=True)
+    print("\n| code | model | s / epoch (incl. validation) | × SASRec | rank all users (s) | peak RSS (MiB) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for label, model, result in rows:
+        if result is None:
+            print(f"| {label} | {model} | failed | | | |")
+            continue
+        sasrec = next((r for lab, m, r in rows if lab == label and m == "sasrec" and r), None)
+        ratio = f"{result['epoch'] / sasrec['epoch']:.2f}" if sasrec else "–"
+        print(
+            f"| {label} | {model} | {result['epoch']:.1f} | {ratio} | {result['rank_all_seconds']:.2f} | "
+            f"{result['peak_mib']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
