@@ -11,9 +11,15 @@ import sys
 
 
 def run_child(code: str, *args: str, pythonpath: str | None = None) -> tuple[str, float, int]:
-    """``python -c code args...``; returns (stdout, peak RSS in MiB, exit code)."""
+    """``python -c code args...`` in ``pythonpath`` (when given); returns (stdout, peak RSS in MiB, exit code).
+
+    ``python -c`` puts the working directory first on ``sys.path``, ahead of ``PYTHONPATH``: the child runs inside
+    ``pythonpath`` so that tree's ``pipeline`` is the one imported, not the caller's.
+    """
     env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
-    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, env=env, cwd=pythonpath
+    )
     stdout = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not the max over all children
     return stdout, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)

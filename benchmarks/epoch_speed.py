@@ -1,9 +1,11 @@
 """Epoch time and full-ranking time of every model, side by side in one run (issue 12's speed targets).
 
 Each (code tree, model) case runs in its own process (own peak RSS): ``train()`` for ``--epochs`` epochs on a
-prepared dataset (MLflow off, nothing resumed), the reported epoch time being the median of the epochs after the
-first (each includes the full-ranking validation of every user, as in a real run), then the trained model ranks
-every test user against the whole catalogue once (``rank all``). ``--code OLD=/path/to/checkout`` adds another
+prepared dataset (MLflow off, nothing resumed), timing the epochs after the first (each includes the full-ranking
+validation of every user, as in a real run), then the trained model ranks every test user against the whole
+catalogue once (``rank all``). Cases are interleaved ``--repeats`` times (A B A B ...) and each figure is the
+median over all its timed epochs (rank all: over its repeats), so a drift of the machine's speed during the run
+spreads over every case instead of favouring the ones measured first. ``--code OLD=/path/to/checkout`` adds another
 code tree (e.g. a ``git worktree`` of an older commit) so before/after figures come from the same run.
 
     python benchmarks/epoch_speed.py --processed data/study/beauty/data/processed --threads 2 \\
@@ -67,8 +69,18 @@ def measure(tree: Path, processed: Path, threads: int, epochs: int, overrides: d
     if code:
         return None
     result = json.loads(out.strip().splitlines()[-1])
-    later = result["epoch_seconds"][1:] or result["epoch_seconds"]
-    return {**result, "epoch": statistics.median(later), "peak_mib": peak_mib}
+    return {**result, "timed": result["epoch_seconds"][1:] or result["epoch_seconds"], "peak_mib": peak_mib}
+
+
+def combine(results: list[dict | None]) -> dict | None:
+    """Median epoch over every timed epoch of every repeat; median rank-all time; largest peak."""
+    if not results or any(r is None for r in results):
+        return None
+    return {
+        "epoch": statistics.median(s for r in results for s in r["timed"]),
+        "rank_all_seconds": statistics.median(r["rank_all_seconds"] for r in results),
+        "peak_mib": max(r["peak_mib"] for r in results),
+    }
 
 
 def main() -> None:
@@ -79,18 +91,21 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (YAML)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3, help="epochs per case (the first is not counted)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds over all cases")
     args = parser.parse_args()
     import yaml
 
     overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
     trees = [("this", REPO)] + [(label, Path(path)) for label, _, path in (c.partition("=") for c in args.code)]
-    rows = []
     processed = args.processed.resolve()
-    for label, tree in trees:
-        for model in args.models:
+    cases = [(label, tree, model) for label, tree in trees for model in args.models]
+    runs: dict[tuple[str, str], list[dict | None]] = {(label, model): [] for label, _, model in cases}
+    for round_ in range(args.repeats):
+        for label, tree, model in cases:
             result = measure(tree, processed, args.threads, args.epochs, {**overrides, **VARIANTS[model]})
-            rows.append((label, model, result))
-            print(f"{label} {model}: {result}", flush=True)
+            runs[label, model].append(result)
+            print(f"round {round_ + 1} {label} {model}: {result and result['epoch_seconds']}", flush=True)
+    rows = [(label, model, combine(results)) for (label, model), results in runs.items()]
     print("\n| code | model | s / epoch (incl. validation) | × SASRec | rank all users (s) | peak RSS (MiB) |")
     print("|---|---|---:|---:|---:|---:|")
     for label, model, result in rows:

@@ -14,7 +14,8 @@ kernels can share the same parameters and be compared exactly:
 * ``loop``    reference: for each expert that received tokens, gather its rows, run it, ``index_add`` back;
 * ``dense``   run every expert on every token as two plain GEMMs over the concatenated experts and weight by a
               gate matrix that is zero off the top-K (E/K times the FLOPs, but no gathers or host syncs);
-* ``grouped`` sort (token, slot) pairs by expert, run one matmul per contiguous slice, un-permute.
+* ``grouped`` sort (token, slot) pairs by expert into a zero-padded ``[E, capacity, d]`` buffer, two batched
+              matmuls for all experts, un-permute.
 
 The layer works on *real tokens only*: callers pass the packed non-padding rows ``[N, d]``.  That is how padding
 is kept out of the balance statistics (and out of the compute; in recommendation most positions are padding).
@@ -39,6 +40,8 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.
 # (figures in BENCHMARKS.md): quiet 2-core CPU, torch 2.13, d=64, E=8, K=2, h=64, 2 layers, batch 256 x L=50,
 # 12,101 items, one training step (fwd + bwd + AdamW), median of 15. All positions real: SASRec 787 ms,
 # loop 855 (1.09x), grouped 854 (1.08x), dense 903 (1.15x); 19% real positions: 224 / 246 / 243 / 251 ms.
+# Issue 12 made grouped one padded batched matmul per FFN layer instead of one matmul per expert: one layer's
+# experts, forward + backward on 1,455 tokens (a Beauty step), 3.4 ms against 5.8 (loop 5.3, dense 6.1).
 # The dense kernel's E/K = 4x expert FLOPs cost more than the gathers here; loop and grouped tie, and grouped
 # has one host sync per layer instead of one per expert. (Under heavy CPU contention from other processes the
 # gather kernels degraded more than dense did, so re-measure on a shared machine.) CUDA was not measured in
@@ -221,16 +224,26 @@ class HybridMoE(nn.Module):
         return torch.addmm(gate_mat.to(hid.dtype) @ self.b2.to(hid.dtype), hid, self.w2.reshape(E * h, d))
 
     def _grouped(self, x: Tensor, top_i: Tensor, gates: Tensor) -> Tensor:
-        """Sort (token, slot) pairs by expert, one matmul per contiguous slice, un-permute, sum the K slots."""
+        """Sort (token, slot) pairs by expert into one ``[E, capacity, d]`` buffer, two batched matmuls, un-permute.
+
+        Each expert's rows are padded with zeros to the busiest expert's count (capacity), so all experts run in
+        one ``baddbmm`` per layer of the FFN instead of one small matmul each (and the backward needs no per-expert
+        slice of the stacked weights). Balanced routing wastes a few padded rows; a collapsed router costs what the
+        dense kernel does.
+        """
         N, d = x.shape
-        K = self.top_k
+        K, E = self.top_k, self.num_experts
         flat_e = top_i.flatten()
         order = torch.argsort(flat_e, stable=True)
-        counts = torch.bincount(flat_e, minlength=self.num_experts).tolist()
-        xs = x.index_select(0, order // K).split(counts)
-        ys = [self._expert(e, xe) for e, xe in enumerate(xs) if xe.shape[0] > 0]
-        y = torch.cat(ys) if ys else x.new_zeros(0, d)
-        y = y * gates.flatten()[order].unsqueeze(1).to(y.dtype)
+        counts = torch.bincount(flat_e, minlength=E)
+        capacity = int(counts.max())  # one host sync per layer
+        sorted_e = flat_e.index_select(0, order)
+        slot = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts).index_select(0, sorted_e)
+        row = sorted_e * capacity + slot  # where each sorted pair sits in the padded buffer
+        padded = x.new_zeros(E * capacity, d).index_copy(0, row, x.index_select(0, order // K))
+        hid = self.expert_drop(self.act(torch.baddbmm(self.b1.unsqueeze(1), padded.view(E, capacity, d), self.w1)))
+        out = torch.baddbmm(self.b2.unsqueeze(1).to(hid.dtype), hid, self.w2.to(hid.dtype)).view(E * capacity, d)
+        y = out.index_select(0, row) * gates.flatten()[order].unsqueeze(1).to(out.dtype)
         # inverse permutation as a gather (no atomics: deterministic on every device)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
