@@ -239,3 +239,22 @@ def test_empty_bucket_is_reported_not_crashed() -> None:
     assert buckets["medium"] == {"users": 0}
     assert buckets["short"]["users"] == 5 and buckets["short"]["ndcg@10"] == pytest.approx(0.3)
     assert buckets["long"] == {"users": 1, "ndcg@10": pytest.approx(0.6)}
+
+
+def test_checkpoint_fingerprint_covers_only_the_models_own_settings(tmp_path: Path) -> None:
+    """A setting of another model kind (say mamba.dropout for a transformer) never discards a checkpoint."""
+    from pipeline.training.train import run_fingerprint
+
+    def fingerprint(**overrides: object) -> str:
+        return run_fingerprint(
+            load_params(REPO_ROOT / "params.yaml", {"preprocess.processed_dir": str(tmp_path), **overrides})
+        )
+
+    base = fingerprint()
+    assert fingerprint(**{"model.mamba.dropout": 0.4, "model.narm.hidden_size": 7, "model.bert_mask_prob": 0.3}) == base
+    assert fingerprint(**{"model.moe.top_k": 1}) != base  # its own MoE setting
+    sasrec = fingerprint(**{"model.moe.enabled": False})
+    assert fingerprint(**{"model.moe.enabled": False, "model.moe.top_k": 1}) == sasrec  # no MoE, no MoE settings
+    mamba = fingerprint(**{"model.kind": "mamba4rec"})
+    assert fingerprint(**{"model.kind": "mamba4rec", "model.mamba.dropout": 0.4}) != mamba
+    assert fingerprint(**{"model.kind": "mamba4rec", "model.moe.top_k": 1}) == mamba

@@ -7,7 +7,8 @@ minus the experts and the router (the paper's "w/o MoE" row), not a smaller or l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 MODEL_KINDS = ("hymoerec", "gru4rec", "bert4rec", "narm", "mamba4rec")
 TRANSFORMER_KINDS = ("hymoerec", "bert4rec")  # the kinds with a position-wise FFN, where the hybrid MoE lives
@@ -118,6 +119,24 @@ class ModelConfig:
     def uses_moe(self) -> bool:
         """Whether the built network has the hybrid MoE: only transformer kinds have an FFN to replace."""
         return self.moe.enabled and self.kind in TRANSFORMER_KINDS
+
+    def relevant(self) -> dict[str, Any]:
+        """The settings the built network depends on: sections of other kinds are left out.
+
+        Fingerprints (checkpoint resume, the study's config digest) hash this, so a setting of another model kind
+        (e.g. ``mamba.dropout`` for a transformer) never invalidates a checkpoint or a finished result.
+        """
+        settings = asdict(self)
+        if not self.uses_moe:
+            settings["moe"] = {"enabled": False}
+        if self.kind != "narm":
+            del settings["narm"]
+        if self.kind != "mamba4rec":
+            del settings["mamba"]
+        if self.kind != "bert4rec":
+            del settings["bert_mask_prob"]
+        settings["history_bias"] = self.uses_history_bias
+        return settings
 
     @property
     def uses_history_bias(self) -> bool:

@@ -120,8 +120,9 @@ def run_params(run: Run, params_file: str | Path = "params.yaml", work_dir: Path
 
 
 def resolved_settings(params: Params) -> dict[str, Any]:
-    """Every parameter that can change a run's result, flattened (``model.moe.top_k``: 2)."""
-    flat = flatten(dataclasses.asdict(params))
+    """Every parameter that can change a run's result, flattened (``model.moe.top_k``: 2); model settings only
+    of the run's own kind (a Mamba setting does not make a SASRec result stale)."""
+    flat = flatten({**dataclasses.asdict(params), "model": params.model.relevant()})
     return {k: v for k, v in flat.items() if k not in NOT_IN_DIGEST and not k.startswith(("mlflow.", "retrain."))}
 
 

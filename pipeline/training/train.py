@@ -96,7 +96,7 @@ def run_fingerprint(params: Params) -> str:
     """Hash of everything a checkpoint depends on: a checkpoint from other params or data is never resumed."""
     splits = PreprocessOutputs.under(params.preprocess.processed_dir)
     payload = {
-        "model": dataclasses.asdict(params.model),
+        "model": params.model.relevant(),  # settings of other model kinds do not invalidate a checkpoint
         "train": {
             k: v
             for k, v in dataclasses.asdict(params.train).items()
@@ -253,7 +253,7 @@ def _train(params: Params, run: RunLogger, fingerprint: str) -> TrainOutputs:
         write_json_atomic(
             outputs.config,
             {
-                "model": dataclasses.asdict(params.model),
+                "model": params.model.relevant(),  # settings of other model kinds do not invalidate a checkpoint
                 "num_items": n_items,
                 "best_epoch": state.best_epoch,
                 "best_valid_ndcg@10": state.best_metric,
