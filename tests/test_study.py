@@ -36,11 +36,14 @@ TINY_SPEC = {
     "groups": {
         "main": {"datasets": ["synthetic"], "title": "Comparison"},
         "ablation": {"datasets": ["synthetic"], "base": "hymoerec", "title": "Ablations"},
+        "search": {"datasets": ["synthetic"], "base": "hymoerec", "title": "Search", "seeds": [1]},
     },
     "variants": {
         "hymoerec": {"group": "main", "label": "HyMoERec", "overrides": {"model.kind": "hymoerec"}},
         "sasrec": {"group": "main", "label": "SASRec", "overrides": {"model.moe.enabled": False}},
         "no-dense": {"group": "ablation", "label": "pure sparse", "overrides": {"model.moe.dense_branch": False}},
+        "wide": {"group": "search", "label": "wide experts", "overrides": {"model.moe.expert_hidden": 32}},
+        "elsewhere": {"group": "search", "datasets": ["ml-1m"], "label": "only on ml-1m", "overrides": {}},
     },
     "published": {"synthetic": [{"model": "Elsewhere", "hr@10": 0.5, "ndcg@10": 0.25, "source": "a paper"}]},
 }
@@ -67,7 +70,7 @@ def test_the_project_spec_plans_the_issue_table() -> None:
     assert sorted(main_runs) == sorted((m, s) for m in models for s in (1, 2, 3))
     assert [r.seed for r in beauty if r.group == "main"] == sorted(r.seed for r in beauty if r.group == "main")
     assert {r.variant for r in beauty if r.group == "ablation"} >= {"no-dense", "no-warmup", "no-balance", "top-1"}
-    ml = plan(spec, "ml-1m")
+    ml = [r for r in plan(spec, "ml-1m") if r.group == "main"]
     assert {(r.variant, len([x for x in ml if x.variant == r.variant])) for r in ml} == {
         ("hymoerec", 3),
         ("sasrec", 3),
@@ -76,7 +79,8 @@ def test_the_project_spec_plans_the_issue_table() -> None:
         ("bert4rec", 1),
         ("mamba4rec", 1),
     }
-    assert not [r for r in ml if r.group == "ablation"]  # ablations are Beauty-only
+    assert not [r for r in plan(spec, "ml-1m") if r.group == "ablation"]  # ablations are Beauty-only
+    assert {r.seed for r in plan(spec, "beauty") if r.group == "search"} == {1}  # the screen: one seed
     params = run_params(next(r for r in ml if r.variant == "sasrec"), REPO_ROOT / "params.yaml")
     assert (params.model.max_seq_len, params.model.moe.enabled, params.mlflow.experiment_prefix) == (
         200,
@@ -110,7 +114,7 @@ def test_a_claimed_run_is_skipped_by_a_second_worker(tmp_path: Path) -> None:
 def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli(study, "run", "--seeds", "1", "--threads", "1") == 0
     records = sorted(p.name for p in (study / "results" / "synthetic").glob("*.json"))
-    assert records == ["hymoerec-seed1.json", "no-dense-seed1.json", "sasrec-seed1.json"]
+    assert records == ["hymoerec-seed1.json", "no-dense-seed1.json", "sasrec-seed1.json", "wide-seed1.json"]
     record = json.loads((study / "results" / "synthetic" / "hymoerec-seed1.json").read_text())
     assert record["epochs_run"] == 2 and len(record["epoch_seconds"]) == 2 and record["torch_threads"] == 1
     assert decode_per_user(record["per_user_test"]).mean() == pytest.approx(record["metrics"]["test"]["ndcg@10"])
@@ -134,7 +138,10 @@ def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyP
     assert "![synthetic-buckets](results/plots/synthetic-buckets.png)" in text
     assert (study / "results" / "plots" / "synthetic-buckets.png").stat().st_size > 1000
     assert (study / "results" / "plots" / "synthetic-experts-seed1.png").exists()
-    assert "not finished" not in text  # all five planned runs are in
+    assert "not finished" not in text and "only on ml-1m" not in text  # all six planned runs are in, no other
+    search = text[text.index("### Validation search") :].splitlines()
+    assert sum("◀ best" in line for line in search) == 1
+    assert any(line.startswith("| wide experts |") for line in search)
 
     # a fresh machine: an empty MLflow store, only the committed records -> the same tables
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{study / 'fresh' / 'mlflow.db'}")

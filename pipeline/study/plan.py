@@ -91,13 +91,13 @@ def plan(
     runs: list[Run] = []
     for name, variant in spec["variants"].items():
         group = spec["groups"][variant["group"]]
-        if dataset not in group["datasets"] or (groups and variant["group"] not in groups):
+        if dataset not in variant.get("datasets", group["datasets"]) or (groups and variant["group"] not in groups):
             continue
         if variants and name not in variants:
             continue
         base = spec["variants"][group["base"]]["overrides"] if "base" in group else {}
         overrides = {**data["overrides"], **base, **variant["overrides"]}
-        for seed in data.get("seeds_by_variant", {}).get(name, data["seeds"]):
+        for seed in data.get("seeds_by_variant", {}).get(name, group.get("seeds", data["seeds"])):
             if seeds is None or seed in seeds:
                 runs.append(Run(dataset, name, variant["group"], int(seed), overrides))
     group_order = list(spec["groups"])
