@@ -155,3 +155,15 @@ def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyP
     assert cli(study, "report", "--out", str(study / "stale.md"), params=study / "params.yaml") == 0
     stale = (study / "stale.md").read_text()
     assert "| **HyMoERec** |" not in stale and "HyMoERec seed 1: finished with other settings" in stale
+    assert "train.lr 0.001 → 0.002" in stale
+
+    # a parameter added later at a default that keeps the old behaviour does not make a run stale
+    for path in (study / "results" / "synthetic").glob("*.json"):
+        record = json.loads(path.read_text())
+        if record["variant"] == "no-dense":  # recorded at a non-default value it could not have had: stays
+            continue
+        record["settings"].pop("model.moe.dense_branch", None)  # as if recorded before the parameter existed
+        record["finished"] += "-edited"  # a newer record for the same seed
+        path.write_text(json.dumps(record))
+    assert cli(study, "report", "--out", str(study / "older.md")) == 0
+    assert "finished with other settings" not in (study / "older.md").read_text()

@@ -4,7 +4,7 @@ Source of truth: the MLflow runs of experiments ``study-<dataset>`` that carry a
 attached by the runner). Committed records (``results/``) that the store lacks, e.g. on a fresh machine, are
 imported into it first, so the report is the same wherever it is generated. Per (dataset, variant, seed) the most
 recently finished run counts; a run whose settings differ from what the spec and ``params.yaml`` give today is
-*stale*: listed, never averaged in.
+*stale*: listed with the settings that changed, never averaged in.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 
 from pipeline.io import write_bytes_atomic
-from pipeline.params import load_params
+from pipeline.params import Params, load_params
 from pipeline.study.plan import (
     EXPERIMENT_PREFIX,
     RECORDS_DIR,
     SPEC_FILE,
     WORK_DIR,
     Run,
-    config_digest,
     load_spec,
     plan,
+    resolved_settings,
     run_params,
 )
 from pipeline.study.runner import decode_per_user, study_tags
@@ -143,6 +143,7 @@ def assemble(
     records: list[dict[str, Any]], spec: dict[str, Any], params_file: str | Path, work_dir: Path = WORK_DIR
 ) -> dict[str, list[Variant]]:
     """Per dataset, the spec's variants with their valid records (latest per seed), stale runs and pending seeds."""
+    base = resolved_settings(load_params(params_file))
     latest: dict[tuple[str, str, int], dict[str, Any]] = {}
     for record in records:
         key = (record["dataset"], record["variant"], record["seed"])
@@ -160,8 +161,8 @@ def assemble(
                 record = latest.get((dataset, name, run.seed))
                 if record is None:
                     pending.append(run.seed)
-                elif record["config_digest"] != config_digest(run_params(run, params_file, work_dir)):
-                    stale.append(record)
+                elif changed := changed_settings(record["settings"], run_params(run, params_file, work_dir), base):
+                    stale.append({**record, "changed": changed})
                     pending.append(run.seed)
                 else:
                     valid.append(record)
@@ -169,6 +170,20 @@ def assemble(
             variants.append(Variant(name, label, spec["variants"][name]["group"], valid, stale, pending))
         out[dataset] = variants
     return out
+
+
+def changed_settings(recorded: dict[str, Any], params: Params, base: dict[str, Any]) -> list[str]:
+    """Settings in which a finished run differs from what the spec and ``params.yaml`` give today.
+
+    A parameter added after the run was recorded counts as changed only if today's value differs from the
+    ``params.yaml`` default (new parameters keep the old behaviour at their default); removed ones are ignored.
+    """
+    changed = []
+    for key, value in resolved_settings(params).items():
+        before = recorded[key] if key in recorded else base.get(key)
+        if json.loads(json.dumps(before)) != json.loads(json.dumps(value)):  # JSON round trip: tuples are lists
+            changed.append(f"{key} {before!r} → {value!r}")
+    return changed
 
 
 def wilcoxon_p(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -285,8 +300,8 @@ def status_lines(variants: list[Variant]) -> list[str]:
             lines.append(f"- {variant.label}: seed(s) {', '.join(map(str, variant.pending))} not finished yet")
         for record in variant.stale:
             lines.append(
-                f"- {variant.label} seed {record['seed']}: finished with other settings (config "
-                f"{record['config_digest']}, commit {str(record['git_commit'])[:10]}): stale, not counted"
+                f"- {variant.label} seed {record['seed']}: finished with other settings (commit "
+                f"{str(record['git_commit'])[:10]}; {'; '.join(record['changed'][:3])}): stale, not counted"
             )
     return lines
 
@@ -350,6 +365,8 @@ def dataset_sections(
     if published.get(dataset):
         lines += ["Published figures (other code and preprocessing: for orientation, not like-for-like rows):", ""]
         lines += published_table(published[dataset]) + [""]
+    if spec.get("published_notes", {}).get(dataset):
+        lines += [spec["published_notes"][dataset], ""]
     lines += ["### Where the gain comes from", "", "Test NDCG@10 by bucket:", "", *bucket_table(main), ""]
     for picture in plots.draw(dataset, main, records_dir / "plots"):
         lines += [f"![{picture.stem}]({os.path.relpath(picture, out.parent)})", ""]
