@@ -31,6 +31,7 @@ TINY_SPEC = {
             },
             "seeds": [1, 2],
             "seeds_by_variant": {"no-dense": [1]},
+            "target_ndcg10": 0.99,
         }
     },
     "groups": {
@@ -134,6 +135,8 @@ def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyP
     assert f"{np.mean(ndcg):.4f} ± {np.std(ndcg, ddof=1):.4f}" in hymoerec_row
     sasrec_row = next(line for line in text.splitlines() if line.startswith("| SASRec | 2 |"))
     assert "p = " in sasrec_row  # paired test against HyMoERec
+    assert "- HyMoERec test NDCG@10 ≥ 0.99: **not met** (" in text
+    assert "- HyMoERec above its own SASRec with p < 0.05: " in text
     assert "| pure sparse | 1 |" in text and "| Elsewhere | 0.5000 | 0.2500 | – | a paper |" in text
     assert "![synthetic-buckets](results/plots/synthetic-buckets.png)" in text
     assert (study / "results" / "plots" / "synthetic-buckets.png").stat().st_size > 1000

@@ -361,7 +361,7 @@ def dataset_sections(
     main = [v for v in variants if v.group == "main"]
     ablations = [v for v in variants if v.group == "ablation"]
     published = spec.get("published", {})
-    lines = ["### Comparison", "", *comparison_table(main), ""]
+    lines = ["### Comparison", "", *comparison_table(main), "", *target_lines(spec["datasets"][dataset], main), ""]
     if published.get(dataset):
         lines += ["Published figures (other code and preprocessing: for orientation, not like-for-like rows):", ""]
         lines += published_table(published[dataset]) + [""]
@@ -393,6 +393,32 @@ def dataset_sections(
         *speed_table(main + ablations),
         "",
     ]
+    return lines
+
+
+def target_lines(data: dict[str, Any], main: list[Variant]) -> list[str]:
+    """Whether the defaults reach the issue's targets, said plainly (with the figure reached when they do not)."""
+    ours = next((v for v in main if v.name == "hymoerec"), None)
+    sasrec = next((v for v in main if v.name == "sasrec"), None)
+    lines = ["Targets:", ""]
+    if "target_ndcg10" in data:
+        goal = data["target_ndcg10"]
+        if ours is None or not ours.records:
+            lines.append(f"- HyMoERec test NDCG@10 ≥ {goal}: no finished HyMoERec run yet")
+        else:
+            value = statistics.mean(ours.values("ndcg@10"))
+            verdict = "met" if value >= goal else "**not met**"
+            lines.append(f"- HyMoERec test NDCG@10 ≥ {goal}: {verdict} ({value:.4f}, {len(ours.records)} seed(s))")
+    if ours is None or sasrec is None or not ours.records or not sasrec.records:
+        lines.append("- HyMoERec above its own SASRec with p < 0.05: not measured yet (both need finished runs)")
+    else:
+        delta = statistics.mean(ours.values("ndcg@10")) - statistics.mean(sasrec.values("ndcg@10"))
+        p = wilcoxon_p(ours.per_user(), sasrec.per_user())
+        verdict = "met" if delta > 0 and p < SIGNIFICANCE else "**not met**"
+        lines.append(
+            f"- HyMoERec above its own SASRec with p < {SIGNIFICANCE}: {verdict} (Δ NDCG@10 {delta:+.4f}, "
+            f"p = {format_p(p)}, {len(ours.records)} and {len(sasrec.records)} seed(s))"
+        )
     return lines
 
 
