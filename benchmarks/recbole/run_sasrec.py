@@ -130,7 +130,7 @@ def write_atomic_file(seqs: dict[int, list[int]], path: Path) -> None:
     tmp.replace(path)
 
 
-def check_recbole_splits(train_data, valid_data, test_data, seqs: dict[int, list[int]], max_len: int) -> None:  # noqa: ANN001
+def check_recbole_splits(train_data, valid_data, test_data, seqs: dict[int, list[int]], max_len: int) -> None:
     """RecBole's split rows must be ours: same targets, same (truncated) histories, same training targets."""
     import numpy as np
 
@@ -178,7 +178,7 @@ def patch_torch_load() -> None:
     original = torch.load
 
     @functools.wraps(original)
-    def load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def load(*args, **kwargs):
         kwargs.setdefault("weights_only", False)
         return original(*args, **kwargs)
 
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     clock = {"t0": 0.0}
     train_epoch, valid_epoch = trainer._train_epoch, trainer._valid_epoch
 
-    def timed_train_epoch(train_data, epoch_idx, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def timed_train_epoch(train_data, epoch_idx, *a, **kw):
         start = time.perf_counter()
         loss = train_epoch(train_data, epoch_idx, *a, **kw)
         end = time.perf_counter()
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         epochs.append({"epoch": epoch_idx + 1, "train_seconds": end - start, "train_loss": loss})
         return loss
 
-    def timed_valid_epoch(valid_data, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def timed_valid_epoch(valid_data, *a, **kw):
         start = time.perf_counter()
         score, result = valid_epoch(valid_data, *a, **kw)
         end = time.perf_counter()
