@@ -38,9 +38,16 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 from pipeline.params import load_params
-from pipeline.training.train import train, load_trained_model, pick_device
-from pipeline.training.data import eval_split
-from pipeline.training.log import read_log
+from pipeline.training.train import train
+try:  # this tree's layout; an older tree (--code) had them in the trainer and training.data / training.log
+    from pipeline.device import pick_device
+    from pipeline.model.files import load_trained_model
+    from pipeline.data.sequences import eval_split
+    from pipeline.model.train_log import read_log
+except ImportError:
+    from pipeline.training.train import load_trained_model, pick_device
+    from pipeline.training.data import eval_split
+    from pipeline.training.log import read_log
 from pipeline.evaluation.ranking import rank_split
 
 tree, processed, threads, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

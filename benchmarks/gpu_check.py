@@ -46,7 +46,8 @@ STAGES = (
     "pipeline.data.download",
     "pipeline.data.preprocess",
     "pipeline.training.train",
-    "pipeline.training.log",
+    "pipeline.model.train_log",
+    "pipeline.stages",
     "pipeline.evaluation.evaluate",
 )
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -234,10 +235,10 @@ def run_model(
 ) -> dict[str, Any]:
     import torch
 
-    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.model.train_log import read_log
     from pipeline.params import load_params
-    from pipeline.training.log import read_log
-    from pipeline.training.train import TrainOutputs, train
+    from pipeline.stages import evaluate, train
+    from pipeline.training.train import TrainOutputs
 
     quiet_progress_bars()
     folder = out / name
@@ -268,12 +269,12 @@ def run_model(
     )
     torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()
-    outputs = train(params)
+    outputs = train(params).outputs
     train_s = time.monotonic() - started
     peak_train, reserved_train = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()
-    reports = evaluate(params)
+    reports = evaluate(params).outputs
     eval_s = time.monotonic() - started
     peak_eval = torch.cuda.max_memory_allocated()
 

@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from pipeline.io import write_json_atomic
+from pipeline.model.train_log import read_log
 from pipeline.params import load_params
-from pipeline.training.log import read_log
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "hymoerec": {"model.kind": "hymoerec", "model.moe.enabled": True},
@@ -38,8 +38,8 @@ REPORTED = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
 
 
 def run(out: Path, model: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.evaluation.evaluate import evaluate
-    from pipeline.training.train import TrainOutputs, train
+    from pipeline.stages import evaluate, train
+    from pipeline.training.train import TrainOutputs
 
     folder = out / f"{model}-seed{seed}"
     done = folder / "reports" / "metrics.json"

@@ -1,7 +1,7 @@
 """``python -m pipeline <stage>``: one entry point, one command per DVC stage.
 
-Each command loads and validates ``params.yaml`` and calls the stage's plain function; Airflow tasks call the same
-functions, so there is exactly one definition of every stage.
+Each command loads and validates ``params.yaml`` and calls the stage declared in :mod:`pipeline.stages`; Airflow
+tasks call the same functions, so there is exactly one definition of every stage.
 
 Exit codes: 0 done; 1 the input or the environment is at fault (a malformed file, an unreachable server); 2 a
 parameter is (``params.yaml``, ``--set`` or an argument). Both print one line, ``error: <stage>: <what and how to
@@ -18,64 +18,7 @@ from datetime import date
 
 from pipeline.errors import PipelineError
 from pipeline.params import Params, ParamsError, load_params
-
-STAGES: dict[str, tuple[str, Callable[[Params], object]]] = {}
-
-
-def stage(name: str, help_text: str) -> Callable[[Callable[[Params], object]], Callable[[Params], object]]:
-    def register(func: Callable[[Params], object]) -> Callable[[Params], object]:
-        STAGES[name] = (help_text, func)
-        return func
-
-    return register
-
-
-@stage("download", "obtain the dataset (mirror, cache or official URL) -> interactions.parquet + manifest")
-def _download(params: Params) -> object:
-    from pipeline.data.download import download
-
-    return download(params.data)
-
-
-@stage("preprocess", "filter, k-core, re-index and split -> Parquet sequences + stats.json")
-def _preprocess(params: Params) -> object:
-    from pipeline.data.preprocess import preprocess
-
-    return preprocess(params.preprocess, params.data.interim_dir)
-
-
-@stage("train", "train the model with early stopping on validation NDCG@10 (resumes a matching checkpoint)")
-def _train(params: Params) -> object:
-    from pipeline.training.train import train
-
-    return train(params)
-
-
-@stage("evaluate", "full-ranking test metrics, bucket analysis, expert load and plots -> metrics.json; then register")
-def _evaluate(params: Params) -> object:
-    from pipeline.evaluation.evaluate import evaluate
-
-    outputs = evaluate(params)
-    if params.mlflow.enabled:  # the DVC stage is "evaluate and register": one definition, two steps
-        from pipeline.tracking.registry import register
-
-        register(params)
-    return outputs
-
-
-@stage("register", "log the evaluated model to MLflow, register it as challenger, promote it if it beats the champion")
-def _register(params: Params) -> object:
-    from pipeline.tracking.registry import register
-
-    return register(params)
-
-
-@stage("recommend", "top-K items for every user from the champion model -> mlflow.batch_output (Parquet)")
-def _recommend(params: Params) -> object:
-    from pipeline.tracking.batch import recommend_batch
-
-    return recommend_batch(params)
-
+from pipeline.stages import STAGES
 
 # Commands that take arguments besides the parameters: name -> (help, add_arguments, run(args, params)).
 COMMANDS: dict[
@@ -132,8 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name, (help_text, _) in STAGES.items():
-        sub.add_parser(name, help=help_text)
+    for stage in STAGES.values():
+        sub.add_parser(stage.name, help=stage.help)
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
@@ -146,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.stage in COMMANDS:
             COMMANDS[args.stage][2](args, params)
         else:
-            STAGES[args.stage][1](params)
+            STAGES[args.stage].run(params)
     except ParamsError as err:
         return _fail(args.stage, err, 2)
     except (PipelineError, OSError) as err:  # input or environment; OSError: a missing file, a full disk

@@ -302,10 +302,11 @@ def test_run_conf_may_change_hyperparameters_only() -> None:
 def test_a_real_bug_keeps_its_traceback(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only input, parameter and environment errors become one line: a bug must not be hidden behind one."""
     from pipeline import cli
+    from pipeline.stages import Stage
 
     def broken(params: object) -> object:
         raise KeyError("a bug")
 
-    monkeypatch.setitem(cli.STAGES, "download", ("help", broken))
+    monkeypatch.setitem(cli.STAGES, "download", Stage("download", "help", broken))
     with pytest.raises(KeyError, match="a bug"):
         cli.main(["--params", str(project), "download"])

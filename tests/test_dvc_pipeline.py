@@ -54,6 +54,26 @@ def _dvc_repo(tmp_path: Path, substitutions: dict[str, str]) -> tuple[Path, dict
 DVC = [sys.executable, "-m", "dvc"]
 
 
+def _changed_stages(repo: Path, env: dict[str, str], substitutions: dict[str, str]) -> set[str]:
+    """The stages ``dvc status`` reports as changed after editing ``params.yaml`` (restored afterwards)."""
+    path = repo / "params.yaml"
+    original = path.read_text()
+    edited = original
+    for pattern, replacement in substitutions.items():
+        edited, count = re.subn(pattern, replacement, edited)
+        assert count == 1, f"{pattern!r} matched {count} lines of params.yaml"
+    path.write_text(edited)
+    try:
+        done = subprocess.run(
+            [*DVC, "status", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        status = json.loads(done.stdout.strip() or "{}")
+    finally:
+        path.write_text(original)
+    return {name.split(":")[-1] for name in status}
+
+
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
@@ -108,6 +128,12 @@ def test_dvc_full_pipeline_metrics_plots_and_sasrec_ablation(tmp_path: Path) -> 
     _run([*DVC, "plots", "show", "-o", str(tmp_path / "plots")], repo, env)
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "valid_ndcg@10" in html and "expert_load.png" in html
+
+    # each stage lists exactly the parameters it reads: tracking, retraining and report cut-offs do not re-train
+    assert _changed_stages(repo, env, {r"experiment_prefix: \w+": "experiment_prefix: other"}) == {"evaluate"}
+    assert _changed_stages(repo, env, {r"ks: \[5, 10, 20\]": "ks: [10, 20]"}) == {"evaluate"}
+    assert _changed_stages(repo, env, {r"min_new_events: 100": "min_new_events: 5"}) == set()
+    assert _changed_stages(repo, env, {r"(?m)^  hidden_size: 64": "  hidden_size: 32"}) == {"train"}
 
     # the paper's main ablation: same data, MoE off; only train and evaluate run again
     exp = _run([*DVC, "exp", "run", "-S", "model.moe.enabled=false"], repo, env)

@@ -289,7 +289,8 @@ def test_ingest_command_merges_an_interval_once(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- warm start
 def test_warm_start_loads_weights_only_for_the_same_catalogue_and_architecture(tmp_path: Path) -> None:
-    from pipeline.data.preprocess import PreprocessOutputs, preprocess
+    from pipeline.data.layout import PreprocessOutputs
+    from pipeline.data.preprocess import preprocess
 
     params: Params = load_params(REPO_ROOT / "params.yaml", tiny_retrain(tmp_path / "a"))
     download(params.data)

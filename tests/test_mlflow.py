@@ -28,17 +28,16 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline.data.preprocess import PreprocessOutputs
-from pipeline.evaluation.evaluate import evaluate
+from pipeline.data.layout import PreprocessOutputs
 from pipeline.io import file_digest
 from pipeline.params import Params, load_params
+from pipeline.stages import evaluate, train
 from pipeline.tracking import registry
 from pipeline.tracking.batch import recommend_batch, user_histories
 from pipeline.tracking.recommender import Recommender
 from pipeline.tracking.registry import STATE_TAG, champion_uri, decide, download_champion, register
 from pipeline.tracking.runs import read_pointer, train_pointer
 from pipeline.tracking.store import TRACKING_URI_ENV, Tracking, TrackingError, model_name
-from pipeline.training.train import train
 from tests.conftest import REPO_ROOT, closed_port
 from tests.test_training import prepared, tiny_overrides
 

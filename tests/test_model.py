@@ -610,6 +610,10 @@ def test_param_groups_cover_every_parameter_once() -> None:
     no_decay = {id(p) for p in groups[1]["params"]}
     ffn = model.blocks[0].ffn
     assert {id(ffn.b1), id(ffn.b2), id(ffn.alpha_param)} <= no_decay and id(ffn.w1) not in no_decay
+    # by shape: every decayed tensor is a matrix or more, every vector and scalar is exempt
+    assert all(p.dim() >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1
+    assert {id(p) for p in model.parameters() if p.dim() < 2 and p is not model.history_bias} <= no_decay
+    assert id(model.item_emb.weight) not in no_decay
     biased = build_model(replace(small_cfg(), history_bias=True), num_items=20)
     groups = biased.param_groups(0.1, 1e-3)
     assert sum(len(g["params"]) for g in groups) == len(list(biased.parameters()))
@@ -792,9 +796,9 @@ def test_ranking_by_length_in_trimmed_chunks_equals_full_width_scoring(kind: str
     are those of scoring every user alone at the full window, in the split's order."""
     import numpy as np
 
+    from pipeline.data.sequences import EvalSplit, gather_windows
     from pipeline.evaluation.metrics import full_ranking_metrics, metric_names
     from pipeline.evaluation.ranking import rank_split
-    from pipeline.training.data import EvalSplit, gather_windows
 
     torch.manual_seed(0)
     model = build_model(small_cfg(kind), num_items=30).eval()

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.download import DownloadOutputs, download
+from pipeline.data.download import download
+from pipeline.data.layout import DownloadOutputs
 from pipeline.data.preprocess import (
     Events,
     PreprocessOutputs,

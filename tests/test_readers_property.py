@@ -24,8 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.data.download import DownloadOutputs, download
+from pipeline.data.download import download
 from pipeline.data.events import TimestampWindow
+from pipeline.data.layout import DownloadOutputs
 from pipeline.data.quarantine import BadInputError, ReadResult
 from pipeline.data.readers import read_custom, read_delimited, read_jsonl, read_user_sequences
 from pipeline.ingest.validate import BatchOutputs, validate_logs

@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from pipeline.data.download import download
-from pipeline.data.preprocess import PreprocessOutputs, preprocess
-from pipeline.evaluation.evaluate import EvaluateOutputs, evaluate, length_buckets, popularity_buckets
+from pipeline.data.layout import PreprocessOutputs
+from pipeline.data.preprocess import preprocess
+from pipeline.data.sequences import training_sequences
+from pipeline.evaluation.evaluate import evaluate, length_buckets, popularity_buckets
+from pipeline.model.train_log import read_log
 from pipeline.params import Params, load_params
-from pipeline.training.data import training_sequences
-from pipeline.training.log import read_log
 from pipeline.training.train import TrainOutputs, train
 from tests.conftest import REPO_ROOT, TINY_MODEL
 
@@ -125,9 +126,12 @@ def test_train_and_evaluate_stage(tmp_path: Path, data_root: Path, kind: str, mo
             },
         ),
     )
-    outputs = train(params)
+    result = train(params)
+    outputs = result.outputs
     log = read_log(outputs.log)
     assert [int(r["epoch"]) for r in log] == list(range(1, 7))
+    assert result.epochs_run == 6  # the returned result is what the log holds
+    assert [r["valid_ndcg@10"] for r in result.history] == [r["valid_ndcg@10"] for r in log]
     assert float(log[-1]["ce_loss"]) < float(log[0]["ce_loss"])  # it learns
     if moe:
         assert float(log[-1]["lb_loss"]) != 0.0 and 0.0 < float(log[-1]["usage_entropy"]) <= 1.0
@@ -137,9 +141,12 @@ def test_train_and_evaluate_stage(tmp_path: Path, data_root: Path, kind: str, mo
     config = json.loads(outputs.config.read_text())
     best = max(float(r["valid_ndcg@10"]) for r in log)
     assert config["best_valid_ndcg@10"] == pytest.approx(best)  # selection on validation only
+    assert result.best_valid_ndcg10 == config["best_valid_ndcg@10"] and result.best_epoch == config["best_epoch"]
 
-    reports = evaluate(params)
+    evaluated = evaluate(params)
+    reports = evaluated.outputs
     metrics = json.loads(reports.metrics.read_text())
+    assert evaluated.metrics == metrics
     assert metrics["valid"]["ndcg@10"] == pytest.approx(best, abs=1e-9)  # same protocol in train and evaluate
     assert metrics["protocol"]["exclude_seen"] is False
     assert 0.0 <= metrics["test"]["ndcg@10"] <= metrics["test"]["hr@10"] <= metrics["test"]["hr@20"] <= 1.0
@@ -167,7 +174,7 @@ def test_exclude_seen_is_applied_and_reported(tmp_path: Path, data_root: Path) -
     for exclude in (False, True):
         params.evaluate.exclude_seen = exclude
         params.evaluate.report_dir = str(tmp_path / f"r{exclude}")
-        results[exclude] = json.loads(EvaluateOutputs.under(evaluate(params).metrics.parent).metrics.read_text())
+        results[exclude] = json.loads(evaluate(params).outputs.metrics.read_text())
     assert results[True]["protocol"]["exclude_seen"] is True
     # removing seen competitors can only move targets up: HR@20 never drops
     assert results[True]["test"]["hr@20"] >= results[False]["test"]["hr@20"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from pipeline.data.events import TimestampWindow
 from pipeline.data.fetch import fetch, parse_checksum
+from pipeline.data.layout import DownloadOutputs
 from pipeline.data.quarantine import (
     BadInputError,
     ReadResult,
@@ -38,18 +39,6 @@ log = logging.getLogger(__name__)
 
 class DatasetUnavailable(PipelineError, RuntimeError):
     """No mirror copy and the official source cannot be reached."""
-
-
-@dataclass(frozen=True)
-class DownloadOutputs:
-    interactions: Path
-    manifest: Path
-    quarantine: Path
-
-    @classmethod
-    def under(cls, folder: str | Path) -> DownloadOutputs:
-        folder = Path(folder)
-        return cls(folder / "interactions.parquet", folder / "manifest.json", folder / "quarantine.csv")
 
 
 def download(data: DataParams) -> DownloadOutputs:

@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data.download import DownloadOutputs
+from pipeline.data.id_maps import id_map_table
+from pipeline.data.layout import DownloadOutputs, PreprocessOutputs
 from pipeline.data.quarantine import BadInputError
 from pipeline.io import write_json_atomic, write_parquet_atomic
 from pipeline.params import PreprocessParams
@@ -36,22 +37,6 @@ from pipeline.params import PreprocessParams
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
-
-
-@dataclass(frozen=True)
-class PreprocessOutputs:
-    train: Path
-    valid: Path
-    test: Path
-    user_map: Path
-    item_map: Path
-    stats: Path
-
-    @classmethod
-    def under(cls, folder: str | Path) -> PreprocessOutputs:
-        folder = Path(folder)
-        names = ("train", "valid", "test", "user_map", "item_map")
-        return cls(*(folder / f"{name}.parquet" for name in names), folder / "stats.json")
 
 
 @dataclass
@@ -298,19 +283,6 @@ def _target_table(
             "target_timestamp": pa.array(events.timestamp[target_idx], pa.int64()),
         }
     )
-
-
-def id_map_table(name: str, raw: pa.Array) -> pa.Table:
-    ids = pa.array(np.arange(1, len(raw) + 1, dtype=np.int32))
-    if pa.types.is_large_string(raw.type):
-        raw = raw.cast(pa.string())
-    return pa.table({name: ids, f"raw_{name}": raw})
-
-
-def read_id_map(path: str | Path, name: str) -> dict[int, str]:
-    """``{id: raw id}`` of a ``user_map`` / ``item_map`` file (``name`` = user_id | item_id); raw ids as strings."""
-    table = pq.read_table(path)
-    return {i: str(r) for i, r in zip(table[name].to_pylist(), table[f"raw_{name}"].to_pylist(), strict=True)}
 
 
 def dataset_stats(events: Events, tables: dict[str, pa.Table], params: PreprocessParams) -> dict[str, Any]:

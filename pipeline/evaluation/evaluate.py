@@ -21,15 +21,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.data.preprocess import PreprocessOutputs
+from pipeline.data.layout import PreprocessOutputs
+from pipeline.data.sequences import EvalSplit, eval_split, history_lengths, item_popularity
+from pipeline.device import autocast_dtype, pick_device
 from pipeline.evaluation.metrics import summarise
 from pipeline.evaluation.ranking import rank_split
 from pipeline.io import write_json_atomic, write_parquet_atomic
 from pipeline.model import SequentialRecommender
+from pipeline.model.files import load_trained_model
+from pipeline.model.train_log import train_log_path
 from pipeline.params import Params
-from pipeline.tracking.runs import log_evaluation
-from pipeline.training.data import EvalSplit, eval_split, history_lengths, item_popularity
-from pipeline.training.train import TrainOutputs, autocast_dtype, load_trained_model, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,20 @@ class EvaluateOutputs:
         )
 
 
-def evaluate(params: Params) -> EvaluateOutputs:
+@dataclass(frozen=True)
+class EvaluateResult:
+    """What the evaluate stage wrote and found (``metrics`` is ``metrics.json``'s content)."""
+
+    outputs: EvaluateOutputs
+    metrics: dict[str, Any]
+    expert_load: dict[str, Any]
+
+
+def evaluate(params: Params) -> EvaluateResult:
+    """Test (and validation) metrics of the trained model, by bucket, with expert load and plots.
+
+    Tracking is not this stage's business: the entry points log the result (:mod:`pipeline.stages`).
+    """
     cfg = params.evaluate
     outputs = EvaluateOutputs.under(cfg.report_dir)
     device = pick_device(params.train.device)
@@ -118,7 +132,7 @@ def evaluate(params: Params) -> EvaluateOutputs:
 
     from pipeline.evaluation import plots
 
-    plots.training_curves(TrainOutputs.under(params.train.model_dir).log, outputs.curves_png)
+    plots.training_curves(train_log_path(params.train.model_dir), outputs.curves_png)
     plots.bucket_bars(metrics, outputs.buckets_png)
     plots.expert_heatmap(load, outputs.experts_png)
     log.info(
@@ -131,8 +145,7 @@ def evaluate(params: Params) -> EvaluateOutputs:
         model.num_items,
         ", seen items excluded" if cfg.exclude_seen else "",
     )
-    log_evaluation(params)  # MLflow (when enabled): final metrics and reports on the model's run
-    return outputs
+    return EvaluateResult(outputs, metrics, load)
 
 
 def length_buckets(lengths: np.ndarray) -> np.ndarray:

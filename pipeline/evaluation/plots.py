@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.io import atomic_path  # noqa: E402
-from pipeline.training.log import read_log  # noqa: E402
+from pipeline.model.train_log import read_log  # noqa: E402
 
 
 def save(fig: plt.Figure, path: Path) -> None:

@@ -13,9 +13,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from pipeline.data.sequences import EvalSplit
 from pipeline.evaluation.metrics import EvalBatch, full_ranking_metrics
 from pipeline.model.base import SequentialRecommender
-from pipeline.training.data import EvalSplit
 
 
 @torch.no_grad()

@@ -234,28 +234,21 @@ def run_stage(name: str, params_file: str | Path, interval: Interval, overrides:
     DVC's ``evaluate`` stage evaluates and then registers; here those are two tasks (:func:`register_model`), so
     the registration shows, fails and retries on its own in the Airflow UI.
     """
+    from pipeline import stages
+
+    # evaluate without register: registration is a task of its own here
+    steps = {"download": stages.download, "preprocess": stages.preprocess, "evaluate": stages.evaluate}
+    if name not in steps:
+        raise ValueError(f"unknown stage {name!r}: one of download, preprocess, evaluate (train: train_model)")
+    stage = steps[name]
     with project_dir(params_file):
-        params = training_params(params_file, interval, overrides)
-        if name == "download":
-            from pipeline.data.download import download
-
-            download(params.data)
-        elif name == "preprocess":
-            from pipeline.data.preprocess import preprocess
-
-            preprocess(params.preprocess, params.data.interim_dir)
-        elif name == "evaluate":
-            from pipeline.evaluation.evaluate import evaluate
-
-            evaluate(params)
-        else:
-            raise ValueError(f"unknown stage {name!r}: one of download, preprocess, evaluate (train: train_model)")
+        stage(training_params(params_file, interval, overrides))
 
 
 def train_model(params_file: str | Path, interval: Interval, overrides: Overrides = None) -> dict[str, Any]:
     """The ``train`` stage, warm-started from the champion when ``retrain.warm_start`` is on and one exists."""
+    from pipeline.stages import train
     from pipeline.tracking.registry import download_champion
-    from pipeline.training.train import train
 
     with project_dir(params_file):
         params = training_params(params_file, interval, overrides)

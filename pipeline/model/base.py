@@ -138,15 +138,16 @@ class SequentialRecommender(nn.Module):
         return None
 
     def param_groups(self, weight_decay: float, lr: float) -> list[dict]:
-        """AdamW groups: decay matrices and embeddings (nanoGPT rule), not biases, norms, alpha or expert biases;
-        the history offset (no decay) at ``HISTORY_BIAS_LR_SCALE * lr``."""
+        """AdamW groups by shape (nanoGPT rule): decay tensors of 2 or more dimensions (matrices, embeddings), not
+        vectors and scalars (biases, norms, alpha); a 2-D tensor that is not a weight says so with
+        ``_no_weight_decay`` (stacked expert biases, Mamba's decay rates). The history offset (no decay) trains at
+        ``HISTORY_BIAS_LR_SCALE * lr``."""
         decay, no_decay = [], []
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if not p.requires_grad or p is self.history_bias:
                 continue
-            is_bias = name.endswith(("bias", ".b1", ".b2"))  # stacked expert biases are 2-D
-            exempt = getattr(p, "_no_weight_decay", False)  # e.g. Mamba's A_log: a 2-D table of decay rates
-            (decay if p.dim() >= 2 and not is_bias and not exempt else no_decay).append(p)
+            exempt = getattr(p, "_no_weight_decay", False)
+            (decay if p.dim() >= 2 and not exempt else no_decay).append(p)
         groups = [
             {"params": decay, "weight_decay": weight_decay, "lr": lr},
             {"params": no_decay, "weight_decay": 0.0, "lr": lr},

@@ -139,6 +139,7 @@ class HybridMoE(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(E, h))
         self.w2 = nn.Parameter(torch.empty(E, h, d_model))
         self.b2 = nn.Parameter(torch.zeros(E, d_model))
+        self.b1._no_weight_decay = self.b2._no_weight_decay = True  # one bias vector per expert, stacked: 2-D
         self.alpha_param = nn.Parameter(torch.tensor(float(cfg.alpha_init)))
         self.reset_experts()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -26,12 +25,13 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from filelock import FileLock, Timeout
 
 from pipeline.io import write_json_atomic
+from pipeline.model.train_log import read_log
 from pipeline.params import Params
 from pipeline.study.plan import RECORDS_DIR, WORK_DIR, Run, config_digest, data_dirs, resolved_settings, run_params
 from pipeline.tracking.runs import git_commit, read_pointer
-from pipeline.training.log import read_log
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +43,23 @@ def claimed(lock_path: Path, *, wait: bool) -> Iterator[bool]:
     """Hold an exclusive lock on ``lock_path`` for the block; yields False (at once) if another process holds it
     and ``wait`` is off. The OS drops the lock when the holder dies, so a killed worker never blocks a run."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def prepare_data(run: Run, params_file: str | Path, work_dir: Path = WORK_DIR) -> None:
     """Download and preprocess a dataset once for all its runs (the pipeline's own stages; a mirror from
     ``$HYMOE_DATA_MIRROR`` or ``data.mirror`` is used when set)."""
-    from pipeline.data.download import download
-    from pipeline.data.preprocess import PreprocessOutputs, preprocess
+    from pipeline.data.layout import PreprocessOutputs
+    from pipeline.stages import download, preprocess
 
     params = run_params(run, params_file, work_dir)
     splits = PreprocessOutputs.under(data_dirs(run.dataset, work_dir)["preprocess.processed_dir"])
@@ -67,16 +67,15 @@ def prepare_data(run: Run, params_file: str | Path, work_dir: Path = WORK_DIR) -
         if splits.stats.exists():
             return
         log.info("study: preparing %s under %s", run.dataset, work_dir / run.dataset / "data")
-        download(params.data)
-        preprocess(params.preprocess, params.data.interim_dir)
+        download(params)
+        preprocess(params)
 
 
 def execute(
     run: Run, params_file: str | Path = "params.yaml", work_dir: Path = WORK_DIR, records_dir: Path = RECORDS_DIR
 ) -> Path | None:
     """Train, evaluate and record one run; None when another worker holds it. Returns the record's path."""
-    from pipeline.evaluation.evaluate import evaluate
-    from pipeline.training.train import train
+    from pipeline.stages import evaluate, train
 
     record_path = run.record_path(records_dir)
     with claimed(run.folder(work_dir).with_suffix(".lock"), wait=False) as mine:

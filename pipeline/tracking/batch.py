@@ -17,7 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.preprocess import PreprocessOutputs, read_id_map
+from pipeline.data.id_maps import read_id_map
+from pipeline.data.layout import PreprocessOutputs
 from pipeline.errors import PipelineError
 from pipeline.io import write_parquet_atomic
 from pipeline.params import Params

@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.data.preprocess import read_id_map
+from pipeline.data.id_maps import read_id_map
+from pipeline.data.sequences import gather_windows
 from pipeline.errors import PipelineError
 from pipeline.model import SequentialRecommender
-from pipeline.training.data import gather_windows
-from pipeline.training.train import load_model_files
+from pipeline.model.files import load_model_files
 
 DEFAULT_K = 10
 CHUNK = 512  # histories scored per forward pass

@@ -177,10 +177,11 @@ def rescore(recommender: Any, params: Params) -> float:
     dropped, and a user whose target it does not know counts as a miss (every test user weighs the same).
     """
 
-    from pipeline.data.preprocess import PreprocessOutputs, read_id_map
+    from pipeline.data.id_maps import read_id_map
+    from pipeline.data.layout import PreprocessOutputs
+    from pipeline.data.sequences import eval_split, list_parts
+    from pipeline.device import autocast_dtype, pick_device
     from pipeline.evaluation.ranking import rank_split
-    from pipeline.training.data import eval_split, list_parts
-    from pipeline.training.train import autocast_dtype, pick_device
 
     processed = PreprocessOutputs.under(params.preprocess.processed_dir)
     test = pq.read_table(processed.test)
@@ -396,7 +397,7 @@ def _log_model(params: Params, run_id: str, digest: str | None) -> Any:
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import AnyType, Array
 
-    from pipeline.data.preprocess import PreprocessOutputs
+    from pipeline.data.layout import PreprocessOutputs
 
     model_dir = Path(params.train.model_dir)
     processed = PreprocessOutputs.under(params.preprocess.processed_dir)
@@ -444,7 +445,7 @@ def _input_example(processed: Any, k: int) -> Any:
     """The first test user's last five items, as raw ids."""
     import pandas as pd
 
-    from pipeline.data.preprocess import read_id_map
+    from pipeline.data.id_maps import read_id_map
 
     raw = read_id_map(processed.item_map, "item_id")
     history = pq.read_table(processed.test, columns=["history"]).column("history")[0].as_py()[-5:]

@@ -32,9 +32,9 @@ import yaml
 
 from pipeline.io import file_digest, write_json_atomic
 from pipeline.model.config import TRANSFORMER_KINDS
+from pipeline.model.train_log import read_log
 from pipeline.params import Params
 from pipeline.tracking.store import Tracking, display_uri, experiment_name
-from pipeline.training.log import read_log
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ def numeric_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, floa
 # ----------------------------------------------------------------------------------------------- fingerprints
 def data_digests(params: Params) -> dict[str, str]:
     """sha256 of the processed splits and maps (``data.processed.<name>.sha256``) and of the downloaded sources."""
-    from pipeline.data.download import DownloadOutputs
-    from pipeline.data.preprocess import PreprocessOutputs
+    from pipeline.data.layout import DownloadOutputs, PreprocessOutputs
 
     tags: dict[str, str] = {}
     processed = PreprocessOutputs.under(params.preprocess.processed_dir)
@@ -100,7 +99,7 @@ def eval_fingerprint(params: Params) -> str:
 
     Two runs with equal fingerprints have test metrics that compare directly; otherwise the champion is re-scored.
     """
-    from pipeline.data.preprocess import PreprocessOutputs
+    from pipeline.data.layout import PreprocessOutputs
 
     processed = PreprocessOutputs.under(params.preprocess.processed_dir)
     payload = {
@@ -269,8 +268,7 @@ class RunLogger:
             yaml.safe_dump(dataclasses.asdict(params), sort_keys=False),
             "params.yaml",
         )
-        from pipeline.data.download import DownloadOutputs
-        from pipeline.data.preprocess import PreprocessOutputs
+        from pipeline.data.layout import DownloadOutputs, PreprocessOutputs
 
         self.log_artifacts(
             [

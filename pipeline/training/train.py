@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,18 +28,18 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from pipeline.cpu_memory import keep_freed_memory
-from pipeline.data.preprocess import PreprocessOutputs
+from pipeline.data.layout import PreprocessOutputs, num_items
+from pipeline.data.sequences import eval_split, training_sequences
+from pipeline.device import autocast_dtype, distributed_rank, pick_device
 from pipeline.errors import BadInputError
 from pipeline.evaluation.metrics import summarise
 from pipeline.evaluation.ranking import rank_split
-from pipeline.io import atomic_path, file_digest, write_bytes_atomic, write_json_atomic
-from pipeline.model import SequentialRecommender, build_model
+from pipeline.io import atomic_path, file_digest, write_json_atomic
+from pipeline.model import build_model
 from pipeline.model.config import ModelConfig
+from pipeline.model.files import ModelFiles, save_weights
+from pipeline.model.train_log import train_log_path, write_log
 from pipeline.params import Params, ParamsError, from_dict
-from pipeline.tracking.runs import RunLogger
-from pipeline.training.data import eval_split, num_items, training_sequences
-from pipeline.training.log import write_log
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class TrainOutputs:
     @classmethod
     def under(cls, folder: str | Path) -> TrainOutputs:
         folder = Path(folder)
-        return cls(folder / "model.pt", folder / "model.json", folder / "checkpoint.pt", folder / "train_log.csv")
+        files = ModelFiles.under(folder)
+        return cls(files.weights, files.config, folder / "checkpoint.pt", train_log_path(folder))
 
 
 @dataclass
@@ -67,23 +68,6 @@ class TrainState:
     best_epoch: int = -1
     bad_epochs: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def pick_device(choice: str) -> torch.device:
-    """The device to run on; on the CPU, freed tensor memory is also kept for reuse (:mod:`pipeline.cpu_memory`)."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("train.device is 'cuda' but no CUDA device is available: set train.device to auto or cpu")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(choice)
-    if device.type == "cpu":
-        keep_freed_memory()
-    return device
-
-
-def autocast_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA when ``train.amp`` is on; None (full float32) on CPU."""
-    return torch.bfloat16 if (amp and device.type == "cuda") else None
 
 
 def seed_everything(seed: int) -> None:
@@ -108,131 +92,206 @@ def run_fingerprint(params: Params) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train(params: Params) -> TrainOutputs:
-    """Train ``params.model`` on the processed splits (resuming a matching checkpoint); returns the paths written.
+@dataclass(frozen=True)
+class TrainResult:
+    """What the train stage did: the files it wrote and how training went (what tracking logs at the edge)."""
 
-    With ``mlflow.enabled`` the run is logged to MLflow (params, tags, one step per epoch, the files written) and
-    its id is left in ``<model_dir>/mlflow_run.json`` for evaluate and register.
+    outputs: TrainOutputs
+    model_kind: str
+    num_items: int
+    parameters: int
+    device: str
+    fingerprint: str  # run_fingerprint: the params and data this model was trained on
+    best_epoch: int
+    best_valid_ndcg10: float
+    epochs_run: int
+    steps: int
+    resumed_after_epoch: int  # 0 = trained from the start
+    history: list[dict[str, float]]  # one row per epoch, as train_log.csv
+
+
+EpochCallback = Callable[[dict[str, float]], None]
+
+
+def train(params: Params, on_epoch: EpochCallback | None = None) -> TrainResult:
+    """Train ``params.model`` on the processed splits (resuming a matching checkpoint); returns what it did.
+
+    ``on_epoch`` receives each epoch's row of ``train_log.csv`` once the epoch's checkpoint is written (on rank 0):
+    the entry points attach experiment tracking there, so this layer never imports it.
     """
-    rank, _ = _distributed()
-    device = str(pick_device(params.train.device))
-    fingerprint = run_fingerprint(params)
-    with RunLogger.for_training(params, fingerprint, device, rank=rank) as run:
-        return _train(params, run, fingerprint)
+    trainer = Trainer(params)
+    return trainer.fit(on_epoch)
 
 
-def _train(params: Params, run: RunLogger, fingerprint: str) -> TrainOutputs:
-    cfg = params.train
-    processed = params.preprocess.processed_dir
-    outputs = TrainOutputs.under(cfg.model_dir)
-    device = pick_device(cfg.device)
-    amp_dtype = autocast_dtype(cfg.amp, device)
-    rank, world = _distributed()
+class Trainer:
+    """One training run: set-up (data, model, optimiser, resume or warm start), then epochs until early stopping.
 
-    splits = PreprocessOutputs.under(processed)
-    n_items = num_items(processed)
-    sequences = training_sequences(pq.read_table(splits.train), params.model.max_seq_len, cfg.windows)
-    valid = eval_split(pq.read_table(splits.valid), params.model.max_seq_len)
-    if len(sequences.inputs) == 0:
-        raise BadInputError("no training sequence has two or more items: nothing to learn from")
+    Each step of an epoch is its own method (:meth:`train_epoch`, :meth:`validate`, :meth:`end_epoch`,
+    :meth:`save_checkpoint`), so one can be read, tested or replaced without the others.
+    """
 
-    seed_everything(cfg.seed)
-    model = build_model(params.model, n_items).to(device)
-    optimizer = torch.optim.AdamW(
-        model.param_groups(cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda"
-    )
-    steps_per_epoch = math.ceil(len(sequences.inputs) / world / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch * cfg.epochs))
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    state, best_weights = TrainState(), None
-    if cfg.resume and outputs.checkpoint.exists():
-        loaded = _load_checkpoint(outputs.checkpoint, fingerprint, model, optimizer, scheduler, generator)
-        if loaded is not None:
-            state, best_weights = loaded
-    if (
-        state.epoch == 0
-        and cfg.warm_start_from
-        and warm_start(model, cfg.warm_start_from, params.model, splits.item_map)
-    ):
-        state.step = int(model.train_step)  # the loaded step: the MoE warm-up w(t) continues, it does not restart
-    log.info(
-        "training %s (%s, MoE %s) on %d sequences, %d items, device %s%s; %d parameters",
-        params.model.kind,
-        "causal" if params.model.kind != "bert4rec" else "cloze",
-        "on" if params.model.uses_moe else "off",
-        len(sequences.inputs),
-        n_items,
-        device,
-        f", resumed after epoch {state.epoch}" if state.epoch else "",
-        sum(p.numel() for p in model.parameters()),
-    )
+    def __init__(self, params: Params, fingerprint: str | None = None) -> None:
+        self.params = params
+        self.cfg = cfg = params.train
+        self.outputs = TrainOutputs.under(cfg.model_dir)
+        self.fingerprint = fingerprint or run_fingerprint(params)
+        self.device = pick_device(cfg.device)
+        self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        self.rank, self.world = distributed_rank()
 
-    lengths = (sequences.inputs > 0).sum(1)
-    inputs_all = torch.from_numpy(sequences.inputs)
-    targets_all = torch.from_numpy(sequences.targets)
-    while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
+        processed = params.preprocess.processed_dir
+        self.splits = PreprocessOutputs.under(processed)
+        self.num_items = num_items(processed)
+        sequences = training_sequences(pq.read_table(self.splits.train), params.model.max_seq_len, cfg.windows)
+        self.valid = eval_split(pq.read_table(self.splits.valid), params.model.max_seq_len)
+        if len(sequences.inputs) == 0:
+            raise BadInputError("no training sequence has two or more items: nothing to learn from")
+        self.lengths = (sequences.inputs > 0).sum(1)
+        self.inputs = torch.from_numpy(sequences.inputs)
+        self.targets = torch.from_numpy(sequences.targets)
+
+        seed_everything(cfg.seed)
+        self.model = build_model(params.model, self.num_items).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.param_groups(cfg.weight_decay, cfg.lr),
+            lr=cfg.lr,
+            betas=(0.9, 0.98),
+            fused=self.device.type == "cuda",
+        )
+        steps_per_epoch = math.ceil(len(sequences.inputs) / self.world / cfg.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(cfg, steps_per_epoch * cfg.epochs)
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.state = TrainState()
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self._resume_or_warm_start()
+        self.resumed_after_epoch = self.state.epoch
+
+    def _resume_or_warm_start(self) -> None:
+        cfg = self.cfg
+        if cfg.resume and self.outputs.checkpoint.exists():
+            loaded = _load_checkpoint(
+                self.outputs.checkpoint, self.fingerprint, self.model, self.optimizer, self.scheduler, self.generator
+            )
+            if loaded is not None:
+                self.state, self.best_weights = loaded
+        if (
+            self.state.epoch == 0
+            and cfg.warm_start_from
+            and warm_start(self.model, cfg.warm_start_from, self.params.model, self.splits.item_map)
+        ):
+            self.state.step = int(self.model.train_step)  # the MoE warm-up w(t) continues, it does not restart
+
+    @property
+    def done(self) -> bool:
+        return self.state.epoch >= self.cfg.epochs or self.state.bad_epochs >= self.cfg.patience
+
+    def fit(self, on_epoch: EpochCallback | None = None) -> TrainResult:
+        params = self.params
+        log.info(
+            "training %s (%s, MoE %s) on %d sequences, %d items, device %s%s; %d parameters",
+            params.model.kind,
+            "causal" if params.model.kind != "bert4rec" else "cloze",
+            "on" if params.model.uses_moe else "off",
+            len(self.inputs),
+            self.num_items,
+            self.device,
+            f", resumed after epoch {self.state.epoch}" if self.state.epoch else "",
+            self.parameters,
+        )
+        while not self.done:
+            started = _now()
+            row = self.train_epoch()
+            row.update(self.validate())
+            row["epoch_seconds"] = _now() - started
+            self.end_epoch(row)
+            if self.rank == 0:
+                self.save_checkpoint()
+                if on_epoch is not None:
+                    on_epoch(row)
+        if self.rank == 0:
+            self.write_model()
+        log.info("best validation NDCG@10 %.4f at epoch %d", self.state.best_metric, self.state.best_epoch)
+        return self.result()
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over this rank's batches of the epoch; returns the epoch's training columns of the log."""
+        cfg, model, state, device = self.cfg, self.model, self.state, self.device
         epoch = state.epoch
-        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.length_buckets, rank, world)
+        batches = epoch_batches(
+            self.lengths, cfg.batch_size, cfg.seed, epoch, cfg.length_buckets, self.rank, self.world
+        )
         model.train()
         totals = {"loss": 0.0, "ce": 0.0, "lb": 0.0}
         last_stats: dict[str, float] = {}
-        started = _now()
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=rank != 0)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=self.rank != 0)
         for batch in bar:
             # positions are right-aligned, so dropping all-padding columns changes nothing but the cost;
             # one spare column lets BERT4Rec append the last target without losing the oldest item
-            width = min(int(lengths[batch].max()) + 1, params.model.max_seq_len)
+            width = min(int(self.lengths[batch].max()) + 1, self.params.model.max_seq_len)
             index = torch.from_numpy(batch)
-            x, y = inputs_all[index, -width:].to(device), targets_all[index, -width:].to(device)
+            x, y = self.inputs[index, -width:].to(device), self.targets[index, -width:].to(device)
             model.set_train_step(state.step)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model.training_loss(x, y, num_negatives=cfg.num_negatives, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = model.training_loss(x, y, num_negatives=cfg.num_negatives, generator=self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            self.optimizer.step()
+            self.scheduler.step()
             state.step += 1
             for key, value in (("loss", out.loss), ("ce", out.ce), ("lb", out.lb)):
                 totals[key] += float(value.detach())
             last_stats = out.stats
             bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
         n_batches = max(1, len(batches))
-        metrics = summarise(
-            rank_split(
-                model,
-                valid,
-                ks=(10,),
-                exclude_seen=params.evaluate.exclude_seen,
-                batch_size=cfg.eval_batch_size,
-                device=device,
-                amp_dtype=amp_dtype,
-            )
-        )
-        row = {
+        return {
             "epoch": epoch + 1,
             "step": state.step,
             "train_loss": totals["loss"] / n_batches,
             "ce_loss": totals["ce"] / n_batches,
             "lb_loss": totals["lb"] / n_batches,
-            "valid_hr@10": metrics["hr@10"],
-            "valid_ndcg@10": metrics["ndcg@10"],
             "usage_entropy": _layer_mean(last_stats, "usage_entropy"),
             "alpha": _layer_mean(last_stats, "alpha"),
             "history_bias": float(model.history_bias.detach()) if model.history_bias is not None else float("nan"),
-            "epoch_seconds": _now() - started,
         }
+
+    def validate(self) -> dict[str, float]:
+        """Full-ranking HR@10 / NDCG@10 on the validation split (the model-selection metric)."""
+        metrics = summarise(
+            rank_split(
+                self.model,
+                self.valid,
+                ks=(10,),
+                exclude_seen=self.params.evaluate.exclude_seen,
+                batch_size=self.cfg.eval_batch_size,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+            )
+        )
+        return {"valid_hr@10": metrics["hr@10"], "valid_ndcg@10": metrics["ndcg@10"]}
+
+    def end_epoch(self, row: dict[str, float]) -> bool:
+        """Record the epoch and apply early stopping; keeps the best weights. Returns whether the epoch improved."""
+        state = self.state
         state.history.append(row)
         state.epoch += 1
-        improved = metrics[SELECTION_METRIC] > state.best_metric
+        value = row[f"valid_{SELECTION_METRIC}"]
+        improved = value > state.best_metric
         if improved:
-            state.best_metric, state.best_epoch, state.bad_epochs = metrics[SELECTION_METRIC], epoch + 1, 0
+            state.best_metric, state.best_epoch, state.bad_epochs = value, state.epoch, 0
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         else:
             state.bad_epochs += 1
         log.info(
             "epoch %d: loss %.4f (lb %.4f)  valid HR@10 %.4f NDCG@10 %.4f%s  [%.1fs]",
-            epoch + 1,
+            state.epoch,
             row["train_loss"],
             row["lb_loss"],
             row["valid_hr@10"],
@@ -240,34 +299,60 @@ def _train(params: Params, run: RunLogger, fingerprint: str) -> TrainOutputs:
             "  *best*" if improved else "",
             row["epoch_seconds"],
         )
-        if improved:
-            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if rank == 0:
-            _save_checkpoint(
-                outputs.checkpoint, fingerprint, model, best_weights, optimizer, scheduler, generator, state
-            )
-            write_log(outputs.log, state.history)
-            run.log_epoch(row)
-    if rank == 0:
-        _save_state_dict(outputs.model, best_weights if best_weights is not None else model.state_dict())
+        return improved
+
+    def save_checkpoint(self) -> None:
+        """The end-of-epoch checkpoint (exact resume) and the log so far."""
+        _save_checkpoint(
+            self.outputs.checkpoint,
+            self.fingerprint,
+            self.model,
+            self.best_weights,
+            self.optimizer,
+            self.scheduler,
+            self.generator,
+            self.state,
+        )
+        write_log(self.outputs.log, self.state.history)
+
+    def write_model(self) -> None:
+        """``model.pt`` (the best weights), ``model.json`` and the final log."""
+        state = self.state
+        save_weights(
+            self.outputs.model, self.best_weights if self.best_weights is not None else self.model.state_dict()
+        )
         write_json_atomic(
-            outputs.config,
+            self.outputs.config,
             {
-                "model": params.model.relevant(),  # settings of other model kinds do not invalidate a checkpoint
-                "num_items": n_items,
+                "model": self.params.model.relevant(),  # settings of other model kinds do not invalidate a checkpoint
+                "num_items": self.num_items,
                 "best_epoch": state.best_epoch,
                 "best_valid_ndcg@10": state.best_metric,
                 "epochs_run": state.epoch,
                 "steps": state.step,
-                "fingerprint": fingerprint,
-                "item_catalogue": catalogue_fingerprint(splits.item_map),
-                "device": str(device),
+                "fingerprint": self.fingerprint,
+                "item_catalogue": catalogue_fingerprint(self.splits.item_map),
+                "device": str(self.device),
             },
         )
-        write_log(outputs.log, state.history)
-        run.log_training(params)
-    log.info("best validation NDCG@10 %.4f at epoch %d", state.best_metric, state.best_epoch)
-    return outputs
+        write_log(self.outputs.log, state.history)
+
+    def result(self) -> TrainResult:
+        state = self.state
+        return TrainResult(
+            outputs=self.outputs,
+            model_kind=self.params.model.kind,
+            num_items=self.num_items,
+            parameters=self.parameters,
+            device=str(self.device),
+            fingerprint=self.fingerprint,
+            best_epoch=state.best_epoch,
+            best_valid_ndcg10=state.best_metric,
+            epochs_run=state.epoch,
+            steps=state.step,
+            resumed_after_epoch=self.resumed_after_epoch,
+            history=list(state.history),
+        )
 
 
 def catalogue_fingerprint(item_map: str | Path) -> str:
@@ -299,25 +384,6 @@ def warm_start(model: torch.nn.Module, source: str | Path, model_cfg: ModelConfi
     model.load_state_dict(torch.load(outputs.model, map_location="cpu", weights_only=True))
     log.info("warm start from %s (same architecture and item catalogue)", source)
     return True
-
-
-def load_trained_model(model_dir: str | Path, device: torch.device | str = "cpu") -> SequentialRecommender:
-    """The best weights of the run in ``model_dir`` (``model.pt`` + ``model.json``)."""
-    outputs = TrainOutputs.under(model_dir)
-    return load_model_files(outputs.model, outputs.config, device)
-
-
-def load_model_files(
-    weights: str | Path, config: str | Path, device: torch.device | str = "cpu"
-) -> SequentialRecommender:
-    """Rebuild the model from ``model.json`` and load ``model.pt`` (``weights_only=True``: no pickled code), eval mode.
-
-    One loader for the evaluate stage and the served MLflow model, whose artifacts are separate files.
-    """
-    meta = json.loads(Path(config).read_text())
-    model = build_model(from_dict(ModelConfig, meta["model"], "model"), int(meta["num_items"]))
-    model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
-    return model.to(device).eval()
 
 
 def epoch_batches(
@@ -363,20 +429,8 @@ def _layer_mean(stats: dict[str, float], name: str) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _now() -> float:
     return time.perf_counter()
-
-
-def _save_state_dict(path: Path, weights: dict[str, torch.Tensor]) -> None:
-    buffer = io.BytesIO()
-    torch.save(weights, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """From the Parquet splits to left-padded tensors, vectorised over Arrow list arrays.
 
+The data layer's one sequence helper, shared by training, evaluation and serving: it imports only numpy and Arrow
+(no preprocessing, download or trainer code), so a served model loads without them.
+
 Sequences are *left*-padded with 0 (the most recent item sits in the last column), so the last position is
 always the one that predicts the next item, whatever the history length.
 """
@@ -7,14 +10,10 @@ always the one that predicts the next item, whatever the history length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-from pipeline.data.preprocess import PreprocessOutputs
 
 
 def list_parts(column: pa.ChunkedArray | pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,11 +98,6 @@ def eval_split(table: pa.Table, max_seq_len: int) -> EvalSplit:
         history_offsets=offsets,
         history_values=values,
     )
-
-
-def num_items(processed_dir: str | Path) -> int:
-    """Catalogue size (real items 1..n) from the item map written by preprocess."""
-    return pq.read_metadata(PreprocessOutputs.under(processed_dir).item_map).num_rows
 
 
 def item_popularity(train: pa.Table, n_items: int) -> np.ndarray:

@@ -1,7 +1,8 @@
-"""The per-epoch training log (``train_log.csv``): written by the trainer, read by plots, DVC and MLflow.
+"""The per-epoch training log (``train_log.csv``, beside ``model.pt``): written by the trainer, read by plots, DVC,
+MLflow and the study.
 
-One module owns the columns so the writer and every reader agree; it imports nothing heavy, so the plotting and
-tracking code can read a log without loading the trainer.
+One module owns the columns so the writer and every reader agree; it lives with the model's files rather than in
+the trainer and imports nothing heavy, so evaluation and tracking read a log without loading the trainer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ LOG_COLUMNS = [
     "history_bias",  # the learned offset b of model.history_bias (nan when off)
     "epoch_seconds",
 ]
+
+
+def train_log_path(model_dir: str | Path) -> Path:
+    """Where the trainer writes the log of the model in ``model_dir``."""
+    return Path(model_dir) / "train_log.csv"
 
 
 def write_log(path: Path, history: list[dict[str, float]]) -> None:

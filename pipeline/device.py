@@ -1,0 +1,36 @@
+"""Where a stage runs: the torch device, its autocast dtype and the process's place in a distributed run.
+
+Shared by training, evaluation and the registry's re-scoring; at the bottom of the package (imports only torch),
+so any layer may use it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.cpu_memory import keep_freed_memory
+from pipeline.errors import ParamsError
+
+
+def pick_device(choice: str) -> torch.device:
+    """The device to run on; on the CPU, freed tensor memory is also kept for reuse (:mod:`pipeline.cpu_memory`)."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("train.device is 'cuda' but no CUDA device is available: set train.device to auto or cpu")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(choice)
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device
+
+
+def autocast_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA when ``train.amp`` is on; None (full float32) on CPU."""
+    return torch.bfloat16 if (amp and device.type == "cuda") else None
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) under ``torch.distributed`` (torchrun); (0, 1) in a plain process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

@@ -1,0 +1,156 @@
+"""The pipeline's stages, declared once: what ``python -m pipeline <stage>``, DVC and the Airflow tasks run.
+
+Each stage is the plain function of its layer (``data.download``, ``data.preprocess``, ``training.train``,
+``evaluation.evaluate``, ``tracking.registry.register``) plus, for train and evaluate, experiment tracking attached
+*here*, at the edge: training reports each epoch to a callback and returns what it did, evaluation returns its
+metrics, and this module hands both to :mod:`pipeline.tracking.runs`. The layers below never import MLflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pipeline.params import Params
+
+if TYPE_CHECKING:
+    from pipeline.evaluation.evaluate import EvaluateResult
+    from pipeline.training.train import TrainResult
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: what the CLI shows and runs, and what DVC must watch (``dvc.yaml`` is checked against this).
+
+    ``params`` are the ``params.yaml`` keys (or whole sections) the stage's outputs depend on, so that changing
+    anything else (tracking, retraining, report cut-offs) leaves it up to date; ``code`` are the modules whose
+    functions it runs: with every pipeline module they import, they are the stage's code dependencies.
+    """
+
+    name: str
+    help: str
+    run: Callable[[Params], object]
+    params: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()
+    dvc: bool = True  # a stage of dvc.yaml (register and recommend are commands around the registry)
+
+
+def download(params: Params) -> object:
+    from pipeline.data.download import download as download_data
+
+    return download_data(params.data)
+
+
+def preprocess(params: Params) -> object:
+    from pipeline.data.preprocess import preprocess as preprocess_data
+
+    return preprocess_data(params.preprocess, params.data.interim_dir)
+
+
+def train(params: Params) -> TrainResult:
+    """Train with an MLflow run open around it (one step per epoch; FAILED if training raises), when enabled."""
+    from pipeline.device import distributed_rank, pick_device
+    from pipeline.tracking.runs import RunLogger
+    from pipeline.training.train import run_fingerprint
+    from pipeline.training.train import train as train_model
+
+    rank, _ = distributed_rank()
+    device = pick_device(params.train.device)
+    with RunLogger.for_training(params, run_fingerprint(params), str(device), rank=rank) as run:
+        result = train_model(params, on_epoch=run.log_epoch)
+        if rank == 0:
+            run.log_training(params)
+    return result
+
+
+def evaluate(params: Params) -> EvaluateResult:
+    """Evaluate, then log the metrics and reports on the model's MLflow run (when enabled)."""
+    from pipeline.evaluation.evaluate import evaluate as evaluate_model
+    from pipeline.tracking.runs import log_evaluation
+
+    result = evaluate_model(params)
+    log_evaluation(params)
+    return result
+
+
+def evaluate_and_register(params: Params) -> EvaluateResult:
+    """DVC's ``evaluate`` stage: evaluate, then register (one DVC stage, two Airflow tasks)."""
+    result = evaluate(params)
+    if params.mlflow.enabled:
+        register(params)
+    return result
+
+
+def register(params: Params) -> object:
+    from pipeline.tracking.registry import register as register_model
+
+    return register_model(params)
+
+
+def recommend(params: Params) -> object:
+    from pipeline.tracking.batch import recommend_batch
+
+    return recommend_batch(params)
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(
+            "download",
+            "obtain the dataset (mirror, cache or official URL) -> interactions.parquet + manifest",
+            download,
+            params=("data",),
+            code=("pipeline.data.download",),
+        ),
+        Stage(
+            "preprocess",
+            "filter, k-core, re-index and split -> Parquet sequences + stats.json",
+            preprocess,
+            params=("preprocess", "data.interim_dir"),
+            code=("pipeline.data.preprocess",),
+        ),
+        Stage(
+            "train",
+            "train the model with early stopping on validation NDCG@10 (resumes a matching checkpoint)",
+            train,
+            # mlflow.* only says where the run is logged: changing it never re-trains (evaluate back-fills a run)
+            params=("model", "train", "evaluate.exclude_seen", "preprocess.processed_dir"),
+            code=("pipeline.training.train", "pipeline.tracking.runs"),
+        ),
+        Stage(
+            "evaluate",
+            "full-ranking test metrics, bucket analysis, expert load and plots -> metrics.json; then register",
+            evaluate_and_register,
+            params=(
+                "evaluate",
+                "mlflow",
+                "data.dataset",  # experiment and registered-model names
+                "model.kind",  # the served model's requirements and a back-filled run's name
+                "model.moe.enabled",
+                "data.interim_dir",  # the source checksums tagged on a back-filled run
+                "preprocess.processed_dir",
+                "train.model_dir",
+                "train.device",
+                "train.amp",
+                "train.eval_batch_size",
+            ),
+            code=("pipeline.evaluation.evaluate", "pipeline.tracking.runs", "pipeline.tracking.registry"),
+        ),
+        Stage(
+            "register",
+            "log the evaluated model to MLflow, register it as challenger, promote it if it beats the champion",
+            register,
+            code=("pipeline.tracking.registry",),
+            dvc=False,
+        ),
+        Stage(
+            "recommend",
+            "top-K items for every user from the champion model -> mlflow.batch_output (Parquet)",
+            recommend,
+            code=("pipeline.tracking.batch",),
+            dvc=False,
+        ),
+    )
+}
