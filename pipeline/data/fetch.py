@@ -13,11 +13,11 @@ import hashlib
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
@@ -202,21 +202,39 @@ def _download_with_retries(
     chunk_size: int,
     desc: str,
 ) -> bool:
-    """Bring ``part`` to the whole body of ``url``; return whether it kept bytes from an earlier attempt."""
-    for attempt in range(retries + 1):
-        try:
-            return _attempt(
-                session, url, part, timeout_s=timeout_s, progress=progress, chunk_size=chunk_size, desc=desc
-            )
-        except _Transient as exc:
-            if attempt == retries:
-                raise DownloadError(f"download of {url} failed after {retries + 1} attempts: {exc}") from exc
-            delay = min(backoff_s * 2**attempt, MAX_BACKOFF_S)
-            if exc.retry_after_s is not None:
-                delay = min(max(delay, exc.retry_after_s), MAX_BACKOFF_S)
-            logger.warning("download of %s failed (%s); retry %d/%d in %.2f s", url, exc, attempt + 1, retries, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # the loop either returns or raises
+    """Bring ``part`` to the whole body of ``url``; return whether it kept bytes from an earlier attempt.
+
+    Retries (tenacity) only ``_Transient`` failures, ``retries`` times, sleeping ``backoff_s * 2**i`` or the
+    server's ``Retry-After`` when longer, at most ``MAX_BACKOFF_S``; each attempt resumes what the last one kept.
+    """
+
+    def wait(state: RetryCallState) -> float:
+        delay = min(backoff_s * 2 ** (state.attempt_number - 1), MAX_BACKOFF_S)
+        failure = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(failure, _Transient) and failure.retry_after_s is not None:
+            delay = min(max(delay, failure.retry_after_s), MAX_BACKOFF_S)
+        return delay
+
+    def announce(state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome is not None else None
+        wait_s = state.next_action.sleep if state.next_action is not None else 0.0
+        logger.warning(
+            "download of %s failed (%s); retry %d/%d in %.2f s", url, failure, state.attempt_number, retries, wait_s
+        )
+
+    retrying = Retrying(
+        stop=stop_after_attempt(retries + 1),
+        wait=wait,
+        retry=retry_if_exception_type(_Transient),
+        before_sleep=announce,
+        reraise=True,
+    )
+    try:
+        return retrying(
+            _attempt, session, url, part, timeout_s=timeout_s, progress=progress, chunk_size=chunk_size, desc=desc
+        )
+    except _Transient as exc:
+        raise DownloadError(f"download of {url} failed after {retries + 1} attempts: {exc}") from exc
 
 
 def _attempt(

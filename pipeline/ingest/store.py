@@ -19,9 +19,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -31,6 +29,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
 from pipeline.io import write_parquet_atomic
 
@@ -125,17 +124,13 @@ def count_events(store_dir: str | Path) -> int:
 
 @contextlib.contextmanager
 def _locked(path: Path, timeout_s: float) -> Iterator[None]:
-    deadline = time.monotonic() + timeout_s
-    with open(path, "a") as handle:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{path} stayed locked for {timeout_s:.0f}s: another merge is running") from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """An exclusive lock on ``path`` (filelock: released by the OS if the holder dies), waited for ``timeout_s``."""
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=timeout_s, poll_interval=0.2)
+    except Timeout:
+        raise TimeoutError(f"{path} stayed locked for {timeout_s:.0f}s: another merge is running") from None
+    try:
+        yield
+    finally:
+        lock.release()

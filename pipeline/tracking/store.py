@@ -6,7 +6,8 @@ store that needs no server: ``sqlite:///<mlflow.store_dir>/mlflow.db`` with arti
 
 MLflow's own HTTP client retries for minutes by default; here it is told not to (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``
 defaults to 0 unless already set) and every call goes through :meth:`Tracking.call`, which retries transient
-failures ``mlflow.retries`` times with doubling back-off and then raises :class:`TrackingError` naming the URI.
+failures ``mlflow.retries`` times with doubling back-off (tenacity) and then raises :class:`TrackingError` naming the
+URI. One retry policy for every call, whatever the store (MLflow's own retries cover only its HTTP client).
 Importing this module does not import MLflow (train imports it even when tracking is off).
 """
 
@@ -15,11 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from pipeline.errors import PipelineError
 from pipeline.params import Params
@@ -114,24 +116,36 @@ class Tracking:
 
         Other errors (an unknown alias, an invalid name) are raised unchanged: callers decide what they mean.
         """
-        for attempt in range(self.retries + 1):
-            try:
-                return func(*args, **kwargs)
-            except Exception as err:
-                if not is_transient(err):
-                    raise
-                if attempt == self.retries:
-                    raise TrackingError(
-                        f"MLflow at {display_uri(self.uri)} is unreachable or failing: {what} failed "
-                        f"{attempt + 1} time(s), last error: {_short(err)}. Start the server or fix "
-                        f"${TRACKING_URI_ENV} (unset it for the embedded store), or set mlflow.enabled=false."
-                    ) from err
-                delay = min(self.backoff_s * 2**attempt, MAX_BACKOFF_S)
-                log.warning(
-                    "MLflow %s failed (%s); retry %d/%d in %.1fs", what, _short(err), attempt + 1, self.retries, delay
-                )
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+
+        def announce(state: RetryCallState) -> None:
+            failure = state.outcome.exception() if state.outcome is not None else None
+            wait_s = state.next_action.sleep if state.next_action is not None else 0.0
+            log.warning(
+                "MLflow %s failed (%s); retry %d/%d in %.1fs",
+                what,
+                _short(failure),
+                state.attempt_number,
+                self.retries,
+                wait_s,
+            )
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.retries + 1),
+            wait=wait_exponential(multiplier=self.backoff_s, max=MAX_BACKOFF_S),
+            retry=retry_if_exception(is_transient),
+            before_sleep=announce,
+            reraise=True,
+        )
+        try:
+            return retrying(func, *args, **kwargs)
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            raise TrackingError(
+                f"MLflow at {display_uri(self.uri)} is unreachable or failing: {what} failed "
+                f"{self.retries + 1} time(s), last error: {_short(err)}. Start the server or fix "
+                f"${TRACKING_URI_ENV} (unset it for the embedded store), or set mlflow.enabled=false."
+            ) from err
 
     def experiment_id(self, name: str) -> str:
         """Id of experiment ``name``, created (or restored from the bin) on first use."""
