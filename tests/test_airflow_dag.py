@@ -8,19 +8,17 @@ all leave the champion alone; re-running the first interval must not add an even
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -34,22 +32,8 @@ from pipeline.ingest.replay import replay
 from pipeline.ingest.retrain import Interval
 from pipeline.ingest.store import count_events, read_store
 from pipeline.params import load_params
-from tests.conftest import REPO_ROOT
-from tests.test_ingest import tiny_retrain, write_params
+from tests.conftest import REPO_ROOT, tiny_retrain, write_params
 
-torch.set_num_threads(1)
-
-# Airflow reads its configuration once, when first imported: point it at a private home before that happens.
-WORLD = Path(tempfile.mkdtemp(prefix="hymoe-airflow-test-"))
-atexit.register(shutil.rmtree, WORLD, ignore_errors=True)
-PARAMS_FILE = WORLD / "params.yaml"
-AIRFLOW_ENV = {
-    "AIRFLOW_HOME": str(WORLD / "airflow_home"),
-    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
-    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-    "HYMOE_PARAMS": str(PARAMS_FILE),  # read when the DAG file is parsed
-}
-os.environ.update(AIRFLOW_ENV)
 DAG_ID = "hymoerec_retrain"
 CHAIN = [
     "collect",
@@ -66,27 +50,52 @@ TRAINING = CHAIN[4:]
 CUT = date(2021, 2, 15)  # replayed weekly: log files 2021-02-15, -22, 03-01, 03-08
 
 
-def run_dir(day: str) -> Path:
-    return WORLD / "work" / Interval.parse(day).name
+def airflow_env(home_root: Path, params_file: Path) -> dict[str, str]:
+    """A private Airflow home under ``home_root``, the repository's DAG folder and the DAG's parameters file."""
+    return {
+        "AIRFLOW_HOME": str(home_root / "airflow_home"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "HYMOE_PARAMS": str(params_file),  # read when the DAG file is parsed
+    }
+
+
+def run_dir(world_root: Path, day: str) -> Path:
+    return world_root / "work" / Interval.parse(day).name
 
 
 # ----------------------------------------------------------------------------------------------- the world
 @pytest.fixture(scope="module")
-def world() -> dict[str, Any]:
-    import airflow.configuration
+def world_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of the module's shared world: params, inbox, store, MLflow store, Airflow home."""
+    return tmp_path_factory.mktemp("airflow-world")
 
-    if Path(airflow.configuration.AIRFLOW_HOME) != Path(AIRFLOW_ENV["AIRFLOW_HOME"]):
-        pytest.skip("Airflow was imported before this module set AIRFLOW_HOME; run this file on its own")
-    write_params(PARAMS_FILE, tiny_retrain(WORLD, **{"mlflow.enabled": True}))
-    replay(load_params(PARAMS_FILE), CUT, "week")
-    migrate = subprocess.run(
-        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"], capture_output=True, text=True, timeout=300
-    )
-    assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
-    from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
-    return {"bag": bag, "dag": bag.get_dag(DAG_ID)}
+@pytest.fixture(scope="module")
+def world(world_root: Path) -> Iterator[dict[str, Any]]:
+    """Airflow pointed at a private home (set before Airflow is first imported: it reads its configuration then),
+    a migrated metadata database, the replayed logs and the parsed DAG; the environment is restored afterwards."""
+    params_file = world_root / "params.yaml"
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in airflow_env(world_root, params_file).items():
+            env.setenv(key, value)
+        import airflow.configuration
+
+        if Path(airflow.configuration.AIRFLOW_HOME) != world_root / "airflow_home":
+            pytest.skip("Airflow was imported before this module set AIRFLOW_HOME; run this file on its own")
+        write_params(params_file, tiny_retrain(world_root, **{"mlflow.enabled": True}))
+        replay(load_params(params_file), CUT, "week")
+        migrate = subprocess.run(
+            [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+        from airflow.dag_processing.dagbag import DagBag
+
+        bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
+        yield {"bag": bag, "dag": bag.get_dag(DAG_ID)}
 
 
 def run_interval(dag: Any, day: str, **overrides: Any) -> tuple[Any, dict[str, str]]:
@@ -96,25 +105,26 @@ def run_interval(dag: Any, day: str, **overrides: Any) -> tuple[Any, dict[str, s
     return run, {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
 
 
-def tracking() -> Any:
+def tracking(world_root: Path) -> Any:
     """A client of the SQLite MLflow store the DAG's tasks use (``mlflow.store_dir`` of the test's params)."""
     from mlflow import MlflowClient
 
     from pipeline.tracking.store import embedded_uri
 
-    uri = embedded_uri(WORLD / "mlflow")
+    uri = embedded_uri(world_root / "mlflow")
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def champion() -> Any:
-    return tracking().get_model_version_by_alias("hymoerec-custom", "champion")
+def champion(world_root: Path) -> Any:
+    return tracking(world_root).get_model_version_by_alias("hymoerec-custom", "champion")
 
 
 @pytest.fixture(scope="module")
-def first_run(world: dict[str, Any]) -> dict[str, Any]:
-    before = count_events(WORLD / "store")
+def first_run(world: dict[str, Any], world_root: Path) -> dict[str, Any]:
+    before = count_events(world_root / "store")
     run, states = run_interval(world["dag"], "2021-02-15")
-    return {"dag": world["dag"], "run": run, "states": states, "before": before, "store": read_store(WORLD / "store")}
+    store = read_store(world_root / "store")
+    return {"dag": world["dag"], "run": run, "states": states, "before": before, "store": store}
 
 
 # ----------------------------------------------------------------------------------------------- structure
@@ -123,14 +133,14 @@ def test_dagbag_has_no_import_errors(world: dict[str, Any]) -> None:
     assert DAG_ID in world["bag"].dag_ids
 
 
-def test_task_graph_is_as_designed(world: dict[str, Any]) -> None:
+def test_task_graph_is_as_designed(world_root: Path, world: dict[str, Any]) -> None:
     dag = world["dag"]
     assert [t.task_id for t in dag.topological_sort()] == CHAIN
     for upstream, downstream in zip(CHAIN, CHAIN[1:], strict=False):
         assert upstream in dag.get_task(downstream).upstream_task_ids
     assert dag.get_task("enough_new_events").upstream_task_ids == {"validate", "merge"}
     assert type(dag.get_task("enough_new_events")).__name__ == "_ShortCircuitDecoratedOperator"
-    store = (WORLD / "store").resolve().as_uri()
+    store = (world_root / "store").resolve().as_uri()
     assert [(a.name, a.uri) for a in dag.get_task("merge").outlets] == [(store, store)]
     assert dag.catchup is False and dag.max_active_runs == 1
     assert dag.timetable.expression == "0 0 * * *"  # @daily from params.yaml, as a data-interval timetable
@@ -139,7 +149,7 @@ def test_task_graph_is_as_designed(world: dict[str, Any]) -> None:
     assert (train.retries, train.retry_exponential_backoff) == (0, 2.0)  # retries from the test's params file
 
 
-def test_parsing_the_dag_file_stays_light() -> None:
+def test_parsing_the_dag_file_stays_light(tmp_path: Path) -> None:
     code = (
         "import runpy, sys; runpy.run_path(sys.argv[1]); "
         "heavy = [m for m in ('torch', 'mlflow', 'pandas', 'pipeline') if m in sys.modules]; "
@@ -150,100 +160,102 @@ def test_parsing_the_dag_file_stays_light() -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **AIRFLOW_ENV, "HYMOE_PARAMS": str(REPO_ROOT / "params.yaml")},
+        env={**os.environ, **airflow_env(tmp_path, REPO_ROOT / "params.yaml")},
     )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------- dag.test runs
-def test_first_interval_trains_and_registers_a_champion(first_run: dict[str, Any]) -> None:
+def test_first_interval_trains_and_registers_a_champion(world_root: Path, first_run: dict[str, Any]) -> None:
     assert str(first_run["run"].state) == "success", first_run["states"]
     assert first_run["states"] == {task: "success" for task in CHAIN}
-    arrived = len(pd.read_csv(WORLD / "inbox" / "2021-02-15.csv"))
+    arrived = len(pd.read_csv(world_root / "inbox" / "2021-02-15.csv"))
     assert first_run["store"].num_rows == first_run["before"] + arrived
-    version = champion()
+    version = champion(world_root)
     assert str(version.version) == "1"
-    metrics = json.loads((run_dir("2021-02-15") / "reports" / "metrics.json").read_text())
+    metrics = json.loads((run_dir(world_root, "2021-02-15") / "reports" / "metrics.json").read_text())
     assert float(version.tags["test_ndcg_at_10"]) == pytest.approx(metrics["test"]["ndcg@10"])
 
 
-def test_interval_without_logs_skips_training_and_keeps_the_champion(first_run: dict[str, Any]) -> None:
-    before = champion().version
+def test_interval_without_logs_skips_training_and_keeps_the_champion(
+    world_root: Path, first_run: dict[str, Any]
+) -> None:
+    before = champion(world_root).version
     run, states = run_interval(first_run["dag"], "2021-02-16")
     assert str(run.state) == "success"
     assert {t: states[t] for t in CHAIN[:4]} == {t: "success" for t in CHAIN[:4]}
     assert {t: states[t] for t in TRAINING} == {t: "skipped" for t in TRAINING}
-    assert champion().version == before
-    assert read_store(WORLD / "store").equals(first_run["store"])
+    assert champion(world_root).version == before
+    assert read_store(world_root / "store").equals(first_run["store"])
 
 
-def test_malformed_log_file_is_quarantined_and_its_good_rows_kept(first_run: dict[str, Any]) -> None:
-    before = champion().version
+def test_malformed_log_file_is_quarantined_and_its_good_rows_kept(world_root: Path, first_run: dict[str, Any]) -> None:
+    before = champion(world_root).version
     good = [(f"u{i}", str(1 + i % 9), int(datetime(2021, 2, 17, 12, tzinfo=UTC).timestamp()) + i) for i in range(60)]
     lines = ["user_id,item_id,timestamp", *(f"{u},{i},{t}" for u, i, t in good), "u1,,1613563200", "u2,3,soon"]
-    (WORLD / "inbox" / "2021-02-17-shipper2.csv").write_text("\n".join(lines) + "\n")
+    (world_root / "inbox" / "2021-02-17-shipper2.csv").write_text("\n".join(lines) + "\n")
     run, states = run_interval(first_run["dag"], "2021-02-17", **{"retrain.min_new_events": 1000})  # ingest only: quick
     assert str(run.state) == "success"
     assert states["merge"] == "success" and states["train"] == "skipped"
-    quarantine = pd.read_csv(run_dir("2021-02-17") / "ingest" / "quarantine.csv")
+    quarantine = pd.read_csv(run_dir(world_root, "2021-02-17") / "ingest" / "quarantine.csv")
     assert sorted(zip(quarantine["line"], quarantine["reason"], strict=True)) == [
         (62, "missing item_id"),
         (63, "bad timestamp"),
     ]
     assert quarantine["source"].str.endswith("/inbox/2021-02-17-shipper2.csv").all()  # the inbox file, not the copy
-    stored = read_store(WORLD / "store").to_pandas()
+    stored = read_store(world_root / "store").to_pandas()
     assert set(good) <= set(zip(stored["user_id"], stored["item_id"], stored["timestamp"], strict=True))
-    assert champion().version == before
+    assert champion(world_root).version == before
 
 
-def test_too_many_bad_rows_fail_the_interval_clearly(first_run: dict[str, Any]) -> None:
-    before, events = champion().version, count_events(WORLD / "store")
-    (WORLD / "inbox" / "2021-02-18.csv").write_text("user_id,item_id,timestamp\nu1,2,1613650000\nu1,,x\n,,\n")
+def test_too_many_bad_rows_fail_the_interval_clearly(world_root: Path, first_run: dict[str, Any]) -> None:
+    before, events = champion(world_root).version, count_events(world_root / "store")
+    (world_root / "inbox" / "2021-02-18.csv").write_text("user_id,item_id,timestamp\nu1,2,1613650000\nu1,,x\n,,\n")
     run, states = run_interval(first_run["dag"], "2021-02-18")
     assert str(run.state) == "failed"
     assert states["validate"] == "failed" and states["merge"] == "upstream_failed"
-    assert len(pd.read_csv(run_dir("2021-02-18") / "ingest" / "quarantine.csv")) == 2
-    assert champion().version == before and count_events(WORLD / "store") == events
+    assert len(pd.read_csv(run_dir(world_root, "2021-02-18") / "ingest" / "quarantine.csv")) == 2
+    assert champion(world_root).version == before and count_events(world_root / "store") == events
 
 
-def test_rerunning_an_interval_adds_no_event_twice_and_warm_starts(first_run: dict[str, Any]) -> None:
-    store_before = read_store(WORLD / "store")
+def test_rerunning_an_interval_adds_no_event_twice_and_warm_starts(world_root: Path, first_run: dict[str, Any]) -> None:
+    store_before = read_store(world_root / "store")
     run, states = run_interval(first_run["dag"], "2021-02-15")
     assert str(run.state) == "success" and states == {task: "success" for task in CHAIN}
-    assert read_store(WORLD / "store").equals(store_before)
-    merged = json.loads((run_dir("2021-02-15") / "ingest" / "merge.json").read_text())
+    assert read_store(world_root / "store").equals(store_before)
+    merged = json.loads((run_dir(world_root, "2021-02-15") / "ingest" / "merge.json").read_text())
     assert merged["added"] == 0 and merged["duplicates"] > 0
     # later days are already in the store, but this interval trains only on events before its end
-    until = json.loads((run_dir("2021-02-15") / "interim" / "manifest.json").read_text())["source"]["until"]
-    used = pq.read_table(run_dir("2021-02-15") / "interim" / "interactions.parquet")["timestamp"].to_numpy()
-    assert used.max() < until <= read_store(WORLD / "store")["timestamp"].to_numpy().max()
-    pointer = json.loads((run_dir("2021-02-15") / "models" / "mlflow_run.json").read_text())
-    warm = tracking().get_run(pointer["run_id"]).data.params["train.warm_start_from"]
-    assert warm.startswith(str(run_dir("2021-02-15") / "champion"))  # started from the champion's files
+    until = json.loads((run_dir(world_root, "2021-02-15") / "interim" / "manifest.json").read_text())["source"]["until"]
+    used = pq.read_table(run_dir(world_root, "2021-02-15") / "interim" / "interactions.parquet")["timestamp"].to_numpy()
+    assert used.max() < until <= read_store(world_root / "store")["timestamp"].to_numpy().max()
+    pointer = json.loads((run_dir(world_root, "2021-02-15") / "models" / "mlflow_run.json").read_text())
+    warm = tracking(world_root).get_run(pointer["run_id"]).data.params["train.warm_start_from"]
+    assert warm.startswith(str(run_dir(world_root, "2021-02-15") / "champion"))  # started from the champion's files
     assert Path(warm, "model.pt").is_file()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the failure needs a machine without CUDA")
-def test_failing_train_task_leaves_the_champion_unchanged(first_run: dict[str, Any]) -> None:
-    before = champion()
+def test_failing_train_task_leaves_the_champion_unchanged(world_root: Path, first_run: dict[str, Any]) -> None:
+    before = champion(world_root)
     run, states = run_interval(first_run["dag"], "2021-02-22", **{"train.device": "cuda"})  # fails in train only
     assert str(run.state) == "failed"
     assert states["preprocess"] == "success" and states["train"] == "failed"
     assert states["evaluate"] == states["register"] == "upstream_failed"
-    after = champion()
+    after = champion(world_root)
     assert (after.version, after.run_id) == (before.version, before.run_id)
 
 
 def test_run_conf_cannot_point_a_run_at_other_paths(
-    first_run: dict[str, Any], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    world_root: Path, first_run: dict[str, Any], tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    before, events = champion().version, count_events(WORLD / "store")
+    before, events = champion(world_root).version, count_events(world_root / "store")
     elsewhere = tmp_path / "elsewhere"
     run, states = run_interval(first_run["dag"], "2021-02-23", **{"retrain.store_dir": str(elsewhere)})
     assert str(run.state) == "failed" and states["collect"] == "failed"
     assert "['retrain.store_dir'] are not allowed" in "".join(capfd.readouterr())  # the reason, in the task log
     assert not elsewhere.exists()
-    assert champion().version == before and count_events(WORLD / "store") == events
+    assert champion(world_root).version == before and count_events(world_root / "store") == events
 
 
 # ----------------------------------------------------------------------------------------------- the real thing

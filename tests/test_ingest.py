@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
 
 import fsspec
 import pandas as pd
@@ -15,7 +14,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
 from pipeline.cli import main
 from pipeline.data.download import download
@@ -29,54 +27,10 @@ from pipeline.ingest.validate import DUPLICATE_REASON, BatchOutputs, validate_lo
 from pipeline.model import build_model
 from pipeline.params import CustomSourceParams, Params, load_params
 from pipeline.training.train import TrainOutputs, train, warm_start
-from tests.conftest import REPO_ROOT, TINY_MODEL, write_text
-
-torch.set_num_threads(1)
+from tests.conftest import REPO_ROOT, tiny_retrain, write_params, write_text
 
 DAY = 86_400
 T0 = int(datetime(2024, 1, 5, tzinfo=UTC).timestamp())  # 2024-01-05 00:00 UTC
-
-
-def write_params(path: Path, overrides: dict[str, Any]) -> Path:
-    """The repository's params.yaml with dotted ``overrides`` applied, written to ``path``."""
-    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-def tiny_retrain(root: Path, **extra: Any) -> dict[str, Any]:
-    """Tiny synthetic data, a tiny model, every folder under ``root``, no MLflow unless ``extra`` says so."""
-    return {
-        "data.dataset": "synthetic",
-        "data.synthetic.n_users": 200,
-        "data.synthetic.n_items": 60,
-        "data.synthetic.mean_events_per_user": 15.0,
-        "data.synthetic.n_categories": 4,
-        "data.interim_dir": str(root / "interim"),
-        "preprocess.processed_dir": str(root / "processed"),
-        **TINY_MODEL,
-        "model.max_seq_len": 10,
-        "train.model_dir": str(root / "models"),
-        "train.epochs": 1,
-        "train.batch_size": 64,
-        "train.eval_batch_size": 128,
-        "evaluate.report_dir": str(root / "reports"),
-        "retrain.inbox": str(root / "inbox"),
-        "retrain.store_dir": str(root / "store"),
-        "retrain.work_dir": str(root / "work"),
-        "retrain.min_new_events": 20,
-        "retrain.retries": 0,
-        "mlflow.enabled": False,
-        "mlflow.store_dir": str(root / "mlflow"),
-        **extra,
-    }
 
 
 def events_frame(rows: list[tuple[str, str, int]], rating: bool = False) -> pd.DataFrame:
@@ -350,7 +304,8 @@ def test_warm_start_loads_weights_only_for_the_same_catalogue_and_architecture(t
         ),
     )
     train(warm)  # the train stage itself: starts from the weights above, then trains as usual
-    assert TrainOutputs.under(tmp_path / "b").model.exists()
+    config = json.loads(TrainOutputs.under(tmp_path / "b").config.read_text())
+    assert config["steps"] == source_step + config["epochs_run"] * steps_per_epoch  # the step count carried on
 
 
 def _midnight(day: date) -> int:

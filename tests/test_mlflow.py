@@ -25,7 +25,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 from mlflow import MlflowClient
 
 from pipeline.data.layout import PreprocessOutputs
@@ -38,8 +37,7 @@ from pipeline.tracking.recommender import Recommender
 from pipeline.tracking.registry import STATE_TAG, champion_uri, decide, download_champion, register
 from pipeline.tracking.runs import read_pointer, train_pointer
 from pipeline.tracking.store import TRACKING_URI_ENV, Tracking, TrackingError, model_name
-from tests.conftest import REPO_ROOT, closed_port
-from tests.test_training import prepared, tiny_overrides
+from tests.conftest import REPO_ROOT, closed_port, prepared, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -139,8 +137,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_the_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from threads
+def _the_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     if "server" in request.fixturenames:
         monkeypatch.setenv(TRACKING_URI_ENV, request.getfixturevalue("server").uri)
 
@@ -189,7 +186,6 @@ def models(tmp_path_factory: pytest.TempPathFactory, data_root: Path, server: Ml
     out: dict[str, Params] = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(TRACKING_URI_ENV, server.uri)
-        torch.set_num_threads(1)
         out["good"] = params_for(data_root, root / "good", **{"train.epochs": 6, "train.patience": 6})
         out["bad"] = params_for(data_root, root / "bad", **{"train.epochs": 1, "train.lr": 0.0003})
         for params in out.values():

@@ -404,4 +404,5 @@ def test_global_time_split_refuses_data_without_timestamps(tmp_path: Path) -> No
     with pytest.raises(BadInputError, match="needs real timestamps"):
         preprocess(params, interim)
     (interim / "manifest.json").write_text(json.dumps({"has_timestamps": True}))
-    assert preprocess(params, interim).train.exists()
+    stats = json.loads(preprocess(params, interim).stats.read_text())
+    assert (stats["events"], stats["split"]["kind"]) == (36, "global_time")

@@ -140,7 +140,7 @@ def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyP
     assert "| pure sparse | 1 |" in text and "| Elsewhere | 0.5000 | 0.2500 | – | a paper |" in text
     assert "![synthetic-buckets](results/plots/synthetic-buckets.png)" in text
     assert (study / "results" / "plots" / "synthetic-buckets.png").stat().st_size > 1000
-    assert (study / "results" / "plots" / "synthetic-experts-seed1.png").exists()
+    assert (study / "results" / "plots" / "synthetic-experts-seed1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "not finished" not in text and "only on ml-1m" not in text  # all six planned runs are in, no other
     search = text[text.index("### Validation search") :].splitlines()
     assert sum("◀ best" in line for line in search) == 1

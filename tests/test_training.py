@@ -17,45 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data.download import download
 from pipeline.data.layout import PreprocessOutputs
-from pipeline.data.preprocess import preprocess
 from pipeline.data.sequences import training_sequences
 from pipeline.evaluation.evaluate import evaluate, length_buckets, popularity_buckets
 from pipeline.model.train_log import read_log
-from pipeline.params import Params, load_params
+from pipeline.params import load_params
 from pipeline.training.train import TrainOutputs, train
-from tests.conftest import REPO_ROOT, TINY_MODEL
-
-
-def tiny_overrides(root: Path, **extra: Any) -> dict[str, Any]:
-    """A model and data small enough that an epoch takes well under a second on two CPU cores."""
-    return {
-        "data.dataset": "synthetic",
-        "data.interim_dir": str(root / "interim"),
-        "data.synthetic.n_users": 300,
-        "data.synthetic.n_items": 120,
-        "data.synthetic.mean_events_per_user": 20.0,
-        "data.synthetic.n_categories": 6,
-        "preprocess.processed_dir": str(root / "processed"),
-        **TINY_MODEL,
-        "model.max_seq_len": 12,
-        "train.model_dir": str(root / "models"),
-        "train.epochs": 4,
-        "train.batch_size": 64,
-        "train.lr": 0.005,
-        "train.eval_batch_size": 128,
-        "evaluate.report_dir": str(root / "reports"),
-        "mlflow.store_dir": str(root / "mlflow"),  # the embedded MLflow store stays in the test's folder
-        **extra,
-    }
-
-
-def prepared(root: Path, **extra: Any) -> Params:
-    params = load_params(REPO_ROOT / "params.yaml", tiny_overrides(root, **extra))
-    download(params.data)
-    preprocess(params.preprocess, params.data.interim_dir)
-    return params
+from tests.conftest import REPO_ROOT, prepared, tiny_overrides
 
 
 @pytest.fixture(scope="module")
