@@ -85,6 +85,10 @@ def _overrides(context: dict[str, Any]) -> dict[str, Any]:
 
 @dag(
     dag_id="hymoerec_retrain",
+    description=(
+        "Ingest the interval's interaction logs into the store, retrain HyMoERec on it, evaluate, and promote the "
+        "model to champion only if it beats the current one"
+    ),
     schedule=_timetable(SETTINGS["schedule"]),
     start_date=datetime.fromisoformat(str(SETTINGS["start_date"])).replace(tzinfo=UTC),
     catchup=False,

@@ -143,6 +143,7 @@ def test_task_graph_is_as_designed(world_root: Path, world: dict[str, Any]) -> N
     store = (world_root / "store").resolve().as_uri()
     assert [(a.name, a.uri) for a in dag.get_task("merge").outlets] == [(store, store)]
     assert dag.catchup is False and dag.max_active_runs == 1
+    assert dag.description.startswith("Ingest the interval's interaction logs")  # what the Dags list shows
     assert dag.timetable.expression == "0 0 * * *"  # @daily from params.yaml, as a data-interval timetable
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
     train = dag.get_task("train")

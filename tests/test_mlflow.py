@@ -235,6 +235,9 @@ def test_train_and_evaluate_log_one_run_with_params_metrics_tags_artifacts(
         params["model.kind"] == "hymoerec" and params["train.epochs"] == "6" and params["evaluate.ks"] == "[5, 10, 20]"
     )
     assert params["data.dataset"] == "synthetic" and params["model.moe.enabled"] == "true"
+    # only what shaped the model: no retraining or tracking settings, no other model kind's or data source's
+    assert not [k for k in params if k.startswith(("retrain.", "mlflow.", "model.mamba.", "data.custom."))]
+    assert "data.synthetic.n_users" in params
 
     history = client.get_metric_history(run_id, "valid_ndcg_at_10")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # step = epoch
@@ -244,7 +247,10 @@ def test_train_and_evaluate_log_one_run_with_params_metrics_tags_artifacts(
     assert run.data.metrics["valid.ndcg_at_10"] == pytest.approx(metrics["valid"]["ndcg@10"])
     short = metrics["test_by_history_length"]["short"]["ndcg@10"]
     assert run.data.metrics["test_by_history_length.short.ndcg_at_10"] == pytest.approx(short)
-    assert "test_by_target_popularity.tail.hr_at_10" in run.data.metrics
+    assert "test_by_target_popularity.tail.ndcg_at_10" in run.data.metrics
+    # the headline figures, not one metric per bucket and cut-off (those stay in metrics.json)
+    assert not [k for k in run.data.metrics if k.startswith("test_by_") and not k.endswith("ndcg_at_10")]
+    assert not [k for k in run.data.metrics if k.startswith("protocol.")]
 
     tags = run.data.tags
     processed = PreprocessOutputs.under(good.preprocess.processed_dir)
@@ -252,6 +258,14 @@ def test_train_and_evaluate_log_one_run_with_params_metrics_tags_artifacts(
     assert tags["data.processed.test.sha256"] == file_digest(processed.test)
     assert len(tags["mlflow.source.git.commit"]) == 40
     assert tags["eval.fingerprint"]
+    assert tags["model.name"] == "HyMoERec" and tags["mlflow.runName"].startswith("HyMoERec-synthetic-")
+    test_ndcg = f"NDCG@10 {metrics['test']['ndcg@10']:.4f}"
+    assert "**HyMoERec** on **synthetic**" in tags["mlflow.note.content"] and test_ndcg in tags["mlflow.note.content"]
+    assert experiment.tags["mlflow.note.content"].startswith("Models trained on synthetic")
+    inputs = {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs}
+    assert inputs == {("synthetic-train", "training"), ("synthetic-valid", "validation"), ("synthetic-test", "testing")}
+    digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert digests["synthetic-test"] == file_digest(processed.test)[:16]
 
     root = {a.path for a in client.list_artifacts(run_id)}
     assert {"params.yaml", "metrics.json", "stats.json", "train_log.csv", "model.json", "plots"} <= root
@@ -296,6 +310,13 @@ def test_register_promotes_only_a_better_model(models: dict[str, Params], server
     assert aliases(client, name) == {"challenger": "2", "champion": "2"}
     mv = client.get_model_version(name, "2")
     assert mv.status == "READY" and mv.run_id == run_of(good) and mv.tags[STATE_TAG] == "complete"
+    # the logged model knows its version (its page says "Registered": model_id passed to create_model_version),
+    # and the registered model says what it is
+    experiment = client.get_run(run_of(good)).info.experiment_id
+    logged = [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_of(good)]
+    links = [[(v["name"], str(v["version"])) for v in json.loads(m.tags["mlflow.modelVersions"])] for m in logged]
+    assert links == [[(name, "2")]]
+    assert "champion" in client.get_registered_model(name).description
     run = client.get_run(run_of(good))
     assert run.data.tags["promotion.decision"] == "promoted"
     assert run.data.metrics["promotion.champion_ndcg_at_10"] == pytest.approx(ndcg_of(bad))

@@ -312,7 +312,7 @@ def _write_body(
             unit_scale=True,
             unit_divisor=1024,
             desc=desc,
-            disable=not progress,
+            disable=None if progress else True,  # None: only on a terminal, never as noise in a captured log
             leave=False,
         ) as bar,
     ):

@@ -120,6 +120,16 @@ class ModelConfig:
         """Whether the built network has the hybrid MoE: only transformer kinds have an FFN to replace."""
         return self.moe.enabled and self.kind in TRANSFORMER_KINDS
 
+    @property
+    def display_name(self) -> str:
+        """The model's name in the literature: ``hymoerec`` without MoE is SASRec (what runs are called)."""
+        names = {"gru4rec": "GRU4Rec", "narm": "NARM", "mamba4rec": "Mamba4Rec"}
+        if self.kind == "hymoerec":
+            return "HyMoERec" if self.uses_moe else "SASRec"
+        if self.kind == "bert4rec":
+            return "BERT4Rec + hybrid MoE" if self.uses_moe else "BERT4Rec"
+        return names.get(self.kind, self.kind)
+
     def relevant(self) -> dict[str, Any]:
         """The settings the built network depends on: sections of other kinds are left out.
 

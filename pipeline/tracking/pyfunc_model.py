@@ -24,6 +24,7 @@ class RecommenderModel(PythonModel):
         from pipeline.tracking.recommender import DEFAULT_K, Recommender
 
         config = context.model_config or {}
+        config = config.get("serving", config)  # versions registered before the nesting kept these at the top
         self.recommender = Recommender.from_files(
             context.artifacts["weights"],
             context.artifacts["config"],

@@ -252,7 +252,16 @@ def publish(
 
     client = tracking.client
     try:
-        tracking.call("create registered model", client.create_registered_model, name)
+        tracking.call(
+            "create registered model",
+            client.create_registered_model,
+            name,
+            description=(
+                "Next-item recommender of the HyMoERec pipeline. Alias `champion`: the version that serves (replaced "
+                "only by a better one on the same test data); `challenger`: the latest registered. Each version's "
+                "description says how it compared."
+            ),
+        )
     except MlflowException as err:
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
@@ -425,16 +434,17 @@ def _log_model(params: Params, run_id: str, digest: str | None) -> Any:
                 code_paths=[str(code)],
                 signature=signature,
                 input_example=_input_example(processed, params.mlflow.batch_k),
-                model_config={"exclude_history": params.mlflow.exclude_history, "default_k": params.mlflow.batch_k},
+                # nested: MLflow logs a model_config as run params, here serving/exclude_history, serving/default_k
+                model_config={
+                    "serving": {"exclude_history": params.mlflow.exclude_history, "default_k": params.mlflow.batch_k}
+                },
                 pip_requirements=[
                     f"mlflow=={mlflow.__version__}",
                     f"torch=={torch.__version__.split('+')[0]}",
                     "numpy",
                     "pandas",
                     "pyarrow",
-                    "pyyaml",
-                    "requests",  # the shipped pipeline package imports these at load time
-                    "tqdm",
+                    "pyyaml",  # the shipped pipeline package's parameter loader (serving imports no more)
                     *([f"mambapy=={version('mambapy')}"] if params.model.kind == "mamba4rec" else []),  # its scan
                 ],
                 tags={"model_sha256": digest or ""},

@@ -31,7 +31,6 @@ from typing import Any
 import yaml
 
 from pipeline.io import file_digest, write_json_atomic
-from pipeline.model.config import TRANSFORMER_KINDS
 from pipeline.model.train_log import read_log
 from pipeline.params import Params
 from pipeline.tracking.store import Tracking, display_uri, experiment_name
@@ -39,6 +38,7 @@ from pipeline.tracking.store import Tracking, display_uri, experiment_name
 log = logging.getLogger(__name__)
 
 POINTER = "mlflow_run.json"
+NOTE_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's (or experiment's) description
 EPOCH_KEYS = ("epoch", "step")  # columns of train_log.csv that are axes, not metrics
 
 
@@ -61,9 +61,56 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def flat_params(params: Params) -> dict[str, str]:
-    """Every parameter as ``section.key`` -> string (lists as JSON), as ``params.yaml`` spells it."""
-    flat = flatten(dataclasses.asdict(params))
+    """The parameters that shaped this model, as ``section.key`` -> string (lists as JSON), as params.yaml spells it.
+
+    Left out, so that the compare view shows what differs between models: ``retrain.*`` (when the DAG runs) and
+    ``mlflow.*`` (where runs are logged), the settings of other data sources and of the downloader, and the settings
+    of other model kinds (:meth:`ModelConfig.relevant`). The whole file is the run's ``params.yaml`` artifact.
+    """
+    tree = dataclasses.asdict(params)
+    tree.pop("retrain")
+    tree.pop("mlflow")
+    data = tree["data"]
+    data.pop("download")
+    for source in ("custom", "synthetic"):
+        if params.data.dataset != source:
+            data.pop(source)
+    if params.data.dataset != "beauty":
+        data.pop("beauty_source")
+    tree["model"] = params.model.relevant()
+    flat = flatten(tree)
     return {k: json.dumps(v) if isinstance(v, list | dict | bool) or v is None else str(v) for k, v in flat.items()}
+
+
+def headline_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """What a run's metrics table shows from ``metrics.json``: every test and validation figure, and NDCG@10 per
+    history-length and target-popularity bucket (the rest of the buckets stay in the ``metrics.json`` artifact)."""
+    buckets = {
+        section: {
+            bucket: {"ndcg@10": values["ndcg@10"]} for bucket, values in metrics[section].items() if "ndcg@10" in values
+        }
+        for section in ("test_by_history_length", "test_by_target_popularity")
+        if section in metrics
+    }
+    return numeric_metrics({"test": metrics.get("test", {}), "valid": metrics.get("valid", {}), **buckets})
+
+
+def run_description(params: Params, metrics: Mapping[str, Any] | None = None) -> str:
+    """The run's description (MLflow's note): what was trained on what, and once evaluated, how well."""
+    model = params.model
+    lines = [
+        f"**{model.display_name}** on **{params.data.dataset}** (`model.kind={model.kind}`, hybrid MoE "
+        f"{'on' if model.uses_moe else 'off'}; max length {model.max_seq_len}, width {model.hidden_size}), trained by "
+        "`python -m pipeline train` with early stopping on validation NDCG@10."
+    ]
+    if metrics:
+        test, protocol = metrics.get("test", {}), metrics.get("protocol", {})
+        lines.append(
+            f"Test, full ranking over {protocol.get('num_items', '?')} items and {protocol.get('test_users', '?')} "
+            f"users: NDCG@10 {test.get('ndcg@10', math.nan):.4f}, HR@10 {test.get('hr@10', math.nan):.4f}, "
+            f"MRR {test.get('mrr', math.nan):.4f}."
+        )
+    return "\n\n".join(lines)
 
 
 def numeric_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -244,6 +291,34 @@ class RunLogger:
                     f"upload {path.name}", self.tracking.client.log_artifact, self.run_id, str(path), folder
                 )
 
+    def log_datasets(self, params: Params, contexts: Mapping[str, str]) -> None:
+        """The processed splits as MLflow dataset inputs (``{split: context}``): name, sha256 digest, rows, source."""
+        if not self.enabled:
+            return
+        import pyarrow.parquet as pq
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        from pipeline.data.layout import PreprocessOutputs
+
+        splits = PreprocessOutputs.under(params.preprocess.processed_dir)
+        inputs = []
+        for split, context in contexts.items():
+            path = Path(getattr(splits, split))
+            if not path.exists():
+                continue
+            meta = pq.read_metadata(path)
+            dataset = Dataset(
+                name=f"{params.data.dataset}-{split}",
+                digest=file_digest(path)[:16],
+                source_type="local",
+                source=json.dumps({"uri": path.resolve().as_uri()}),
+                schema=json.dumps({"columns": meta.schema.names}),
+                profile=json.dumps({"users": meta.num_rows}),
+            )
+            inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
+        if inputs:
+            self.tracking.call("log inputs", self.tracking.client.log_inputs, self.run_id, datasets=inputs)
+
     def log_epoch(self, row: Mapping[str, float]) -> None:
         """One row of ``train_log.csv``: every column but the axes, at step = epoch."""
         self.log_metrics({metric_key(k): v for k, v in row.items() if k not in EPOCH_KEYS}, step=int(row["epoch"]))
@@ -312,8 +387,15 @@ def log_evaluation(params: Params, report_dir: str | Path | None = None) -> str 
         run.log_training(params)
     metrics = json.loads((reports / "metrics.json").read_text())
     fingerprint = eval_fingerprint(params)
-    run.log_metrics(numeric_metrics(metrics))
-    run.set_tags({"eval.fingerprint": fingerprint, "eval.exclude_seen": str(params.evaluate.exclude_seen).lower()})
+    run.log_metrics(headline_metrics(metrics))
+    run.set_tags(
+        {
+            "eval.fingerprint": fingerprint,
+            "eval.exclude_seen": str(params.evaluate.exclude_seen).lower(),
+            NOTE_TAG: run_description(params, metrics),
+        }
+    )
+    run.log_datasets(params, {"test": "testing"})
     run.log_artifacts([reports / "metrics.json", reports / "expert_load.json"])
     run.log_artifacts(sorted(reports.glob("*.png")), "plots")
     run.finish("FINISHED")
@@ -334,11 +416,17 @@ def log_evaluation(params: Params, report_dir: str | Path | None = None) -> str 
 def _start_run(tracking: Tracking, params: Params, extra_tags: Mapping[str, str]) -> str:
     from mlflow.entities import Param
 
-    experiment_id = tracking.experiment_id(experiment_name(params))
-    plain_transformer = params.model.kind in TRANSFORMER_KINDS and not params.model.uses_moe
-    kind = params.model.kind + ("-nomoe" if plain_transformer else "")
+    dataset = params.data.dataset
+    experiment_id = tracking.experiment_id(
+        experiment_name(params),
+        f"Models trained on {dataset} by the HyMoERec pipeline, one run each: compare them on test.ndcg_at_10 "
+        "(full ranking); the registered model's `champion` alias is the one that serves.",
+    )
+    name = params.model.display_name.replace(" + hybrid MoE", "-MoE").replace(" ", "")
     tags = {
-        "mlflow.runName": f"{kind}-{params.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}",
+        "mlflow.runName": f"{name}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}",
+        NOTE_TAG: run_description(params),
+        "model.name": params.model.display_name,
         "mlflow.source.type": "JOB",
         "mlflow.source.name": "pipeline",
         "dataset": params.data.dataset,
@@ -355,6 +443,7 @@ def _start_run(tracking: Tracking, params: Params, extra_tags: Mapping[str, str]
     items = [Param(k, v) for k, v in flat_params(params).items()]
     for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         tracking.call("log params", tracking.client.log_batch, run_id, params=items[start : start + 100])
+    RunLogger(tracking, run_id).log_datasets(params, {"train": "training", "valid": "validation"})
     log.info("MLflow: run %s in experiment %s (%s)", run_id, experiment_name(params), display_uri(tracking.uri))
     return run_id
 

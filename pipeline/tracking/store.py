@@ -147,14 +147,25 @@ class Tracking:
                 f"${TRACKING_URI_ENV} (unset it for the embedded store), or set mlflow.enabled=false."
             ) from err
 
-    def experiment_id(self, name: str) -> str:
-        """Id of experiment ``name``, created (or restored from the bin) on first use."""
+    def experiment_id(self, name: str, description: str = "") -> str:
+        """Id of experiment ``name``, created (or restored from the bin) on first use, with ``description``."""
         experiment = self.call("get experiment", self.client.get_experiment_by_name, name)
         if experiment is None:
             location = (self.artifact_root / name).as_uri() if self.artifact_root is not None else None
-            return self.call("create experiment", self.client.create_experiment, name, artifact_location=location)
+            tags = {"mlflow.note.content": description} if description else None
+            return self.call(
+                "create experiment", self.client.create_experiment, name, artifact_location=location, tags=tags
+            )
         if experiment.lifecycle_stage == "deleted":
             self.call("restore experiment", self.client.restore_experiment, experiment.experiment_id)
+        if description and "mlflow.note.content" not in experiment.tags:
+            self.call(
+                "describe experiment",
+                self.client.set_experiment_tag,
+                experiment.experiment_id,
+                "mlflow.note.content",
+                description,
+            )
         return experiment.experiment_id
 
 

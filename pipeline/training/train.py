@@ -229,7 +229,10 @@ class Trainer:
         model.train()
         totals = {"loss": 0.0, "ce": 0.0, "lb": 0.0}
         last_stats: dict[str, float] = {}
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=self.rank != 0)
+        # a bar only on a terminal (disable=None): captured into a log (Airflow, nohup) it would be noise
+        bar = tqdm(
+            batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if self.rank == 0 else True
+        )
         for batch in bar:
             # positions are right-aligned, so dropping all-padding columns changes nothing but the cost;
             # one spare column lets BERT4Rec append the last target without losing the oldest item
