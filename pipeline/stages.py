@@ -1,7 +1,7 @@
 """The pipeline's stages, declared once: what ``python -m pipeline <stage>``, DVC and the Airflow tasks run.
 
 Each stage is the plain function of its layer (``data.download``, ``data.preprocess``, ``training.train``,
-``evaluation.evaluate``, ``tracking.registry.register``) plus, for train and evaluate, experiment tracking attached
+``evaluation.evaluate``, ``tracking.promotion.register``) plus, for train and evaluate, experiment tracking attached
 *here*, at the edge: training reports each epoch to a callback and returns what it did, evaluation returns its
 metrics, and this module hands both to :mod:`pipeline.tracking.runs`. The layers below never import MLflow.
 """
@@ -83,7 +83,7 @@ def evaluate_and_register(params: Params) -> EvaluateResult:
 
 
 def register(params: Params) -> object:
-    from pipeline.tracking.registry import register as register_model
+    from pipeline.tracking.promotion import register as register_model
 
     return register_model(params)
 
@@ -136,13 +136,19 @@ STAGES: dict[str, Stage] = {
                 "train.amp",
                 "train.eval_batch_size",
             ),
-            code=("pipeline.evaluation.evaluate", "pipeline.tracking.runs", "pipeline.tracking.registry"),
+            # the pyfunc is code the stage logs (and, to re-score a champion, runs): it is part of what it depends on
+            code=(
+                "pipeline.evaluation.evaluate",
+                "pipeline.tracking.runs",
+                "pipeline.tracking.promotion",
+                "pipeline.tracking.pyfunc_model",
+            ),
         ),
         Stage(
             "register",
             "log the evaluated model to MLflow, register it as challenger, promote it if it beats the champion",
             register,
-            code=("pipeline.tracking.registry",),
+            code=("pipeline.tracking.promotion", "pipeline.tracking.pyfunc_model"),
             dvc=False,
         ),
         Stage(

@@ -79,6 +79,9 @@ def world(world_root: Path) -> Iterator[dict[str, Any]]:
     with pytest.MonkeyPatch.context() as env:
         for key, value in airflow_env(world_root, params_file).items():
             env.setenv(key, value)
+        # module fixtures run before the per-test ones: drop a tracking URI that mlflow.set_tracking_uri left in the
+        # environment of this process (an earlier test module's server), so the DAG uses its own store
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
         import airflow.configuration
 
         if Path(airflow.configuration.AIRFLOW_HOME) != world_root / "airflow_home":

@@ -33,8 +33,9 @@ from pipeline.params import Params, load_params
 from pipeline.stages import evaluate, train
 from pipeline.tracking import registry
 from pipeline.tracking.batch import recommend_batch, user_histories
+from pipeline.tracking.promotion import decide, register
 from pipeline.tracking.recommender import Recommender
-from pipeline.tracking.registry import STATE_TAG, champion_uri, decide, download_champion, register
+from pipeline.tracking.registry import STATE_TAG, champion_uri, download_champion
 from pipeline.tracking.runs import read_pointer, train_pointer
 from pipeline.tracking.store import TRACKING_URI_ENV, Tracking, TrackingError, model_name
 from tests.conftest import REPO_ROOT, closed_port, prepared, tiny_overrides

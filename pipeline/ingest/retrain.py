@@ -263,8 +263,8 @@ def train_model(params_file: str | Path, interval: Interval, overrides: Override
 
 
 def register_model(params_file: str | Path, interval: Interval, overrides: Overrides = None) -> dict[str, Any]:
-    """Register the interval's model with gated promotion: :func:`pipeline.tracking.registry.register`."""
-    from pipeline.tracking.registry import register
+    """Register the interval's model with gated promotion: :func:`pipeline.tracking.promotion.register`."""
+    from pipeline.tracking.promotion import register
 
     with project_dir(params_file):
         result = register(training_params(params_file, interval, overrides))

@@ -2,7 +2,9 @@
 
 * :mod:`~pipeline.tracking.store`: tracking URI (``$MLFLOW_TRACKING_URI`` or the embedded SQLite store), retries;
 * :mod:`~pipeline.tracking.runs`: the run each model is logged on, carried between stages in pointer files;
-* :mod:`~pipeline.tracking.registry`: ``register(params)``: pyfunc model, version, ``challenger`` / ``champion``;
+* :mod:`~pipeline.tracking.promotion`: ``register(params)``: the gate that decides whether a model becomes ``champion``;
+* :mod:`~pipeline.tracking.registry`: registry calls: version + aliases as one unit, recovery, the champion's files;
+* :mod:`~pipeline.tracking.packaging`: the pyfunc as logged (code, artifacts, signature, requirements);
 * :mod:`~pipeline.tracking.pyfunc_model`: the pyfunc, logged as code (no pickles);
 * :mod:`~pipeline.tracking.recommender`: raw-id top-K from a trained model (serving and batch);
 * :mod:`~pipeline.tracking.batch`: ``recommend_batch(params)``: the top-K of every user to Parquet.

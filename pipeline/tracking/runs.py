@@ -2,7 +2,7 @@
 
 ``train`` starts the run (params flattened from ``params.yaml``, tags: dataset, data checksums, git commit, device,
 model kind) and logs one step per epoch; ``evaluate`` adds the final validation / test metrics (bucket metrics
-included) and the reports; ``register`` (:mod:`pipeline.tracking.registry`) adds the model and the promotion
+included) and the reports; ``register`` (:mod:`pipeline.tracking.promotion`) adds the model and the promotion
 decision. The stages may run in different processes (DVC, Airflow tasks), so the run id travels in files:
 
 * ``<train.model_dir>/mlflow_run.json``: the run that trained ``model.pt`` (and the sha256 of that file);
