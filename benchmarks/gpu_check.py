@@ -40,7 +40,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR_ENV = "HYMOE_DATA_MIRROR"  # == pipeline.params.MIRROR_ENV, needed before the pipeline is known to import
-REQUIRED = ("torch", "numpy", "pandas", "pyarrow", "yaml", "tqdm", "requests", "matplotlib")
+REQUIRED = ("torch", "numpy", "pandas", "pyarrow", "yaml", "tqdm", "requests", "matplotlib", "tenacity", "filelock")
 STAGES = (
     "pipeline.params",
     "pipeline.data.download",

@@ -1,7 +1,7 @@
 """Where a stage runs: the torch device, its autocast dtype and the process's place in a distributed run.
 
-Shared by training, evaluation and the registry's re-scoring; at the bottom of the package (imports only torch),
-so any layer may use it.
+Shared by training, evaluation and the registry's re-scoring; at the bottom of the package (torch and the two
+bottom modules ``cpu_memory`` and ``errors``), so any layer may use it.
 """
 
 from __future__ import annotations

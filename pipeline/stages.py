@@ -2,8 +2,10 @@
 
 Each stage is the plain function of its layer (``data.download``, ``data.preprocess``, ``training.train``,
 ``evaluation.evaluate``, ``tracking.promotion.register``) plus, for train and evaluate, experiment tracking attached
-*here*, at the edge: training reports each epoch to a callback and returns what it did, evaluation returns its
-metrics, and this module hands both to :mod:`pipeline.tracking.runs`. The layers below never import MLflow.
+at the edge: training reports each epoch to a callback and returns what it did, evaluation returns its metrics,
+and :mod:`pipeline.tracking.train_stage` / :mod:`pipeline.tracking.evaluate_stage` log them.
+The layers below never import MLflow. This module only dispatches (its functions hold no logic of their own), so
+it is not among the stages' DVC dependencies; the modules in each ``Stage.code`` are.
 """
 
 from __future__ import annotations
@@ -50,28 +52,16 @@ def preprocess(params: Params) -> object:
 
 def train(params: Params) -> TrainResult:
     """Train with an MLflow run open around it (one step per epoch; FAILED if training raises), when enabled."""
-    from pipeline.device import distributed_rank, pick_device
-    from pipeline.tracking.runs import RunLogger
-    from pipeline.training.train import run_fingerprint
-    from pipeline.training.train import train as train_model
+    from pipeline.tracking.train_stage import tracked_training
 
-    rank, _ = distributed_rank()
-    device = pick_device(params.train.device)
-    with RunLogger.for_training(params, run_fingerprint(params), str(device), rank=rank) as run:
-        result = train_model(params, on_epoch=run.log_epoch)
-        if rank == 0:
-            run.log_training(params)
-    return result
+    return tracked_training(params)
 
 
 def evaluate(params: Params) -> EvaluateResult:
     """Evaluate, then log the metrics and reports on the model's MLflow run (when enabled)."""
-    from pipeline.evaluation.evaluate import evaluate as evaluate_model
-    from pipeline.tracking.runs import log_evaluation
+    from pipeline.tracking.evaluate_stage import tracked_evaluation
 
-    result = evaluate_model(params)
-    log_evaluation(params)
-    return result
+    return tracked_evaluation(params)
 
 
 def evaluate_and_register(params: Params) -> EvaluateResult:
@@ -117,7 +107,7 @@ STAGES: dict[str, Stage] = {
             train,
             # mlflow.* only says where the run is logged: changing it never re-trains (evaluate back-fills a run)
             params=("model", "train", "evaluate.exclude_seen", "preprocess.processed_dir"),
-            code=("pipeline.training.train", "pipeline.tracking.runs"),
+            code=("pipeline.tracking.train_stage",),
         ),
         Stage(
             "evaluate",
@@ -138,8 +128,7 @@ STAGES: dict[str, Stage] = {
             ),
             # the pyfunc is code the stage logs (and, to re-score a champion, runs): it is part of what it depends on
             code=(
-                "pipeline.evaluation.evaluate",
-                "pipeline.tracking.runs",
+                "pipeline.tracking.evaluate_stage",
                 "pipeline.tracking.promotion",
                 "pipeline.tracking.pyfunc_model",
             ),

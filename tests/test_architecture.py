@@ -55,6 +55,8 @@ def imports_of(path: Path) -> list[str]:
             found.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.append(node.module)
+            if node.module == "pipeline":  # `from pipeline import tracking` imports a part by name
+                found.extend(f"pipeline.{alias.name}" for alias in node.names)
     return found
 
 
@@ -93,9 +95,13 @@ def test_the_layer_check_reports_the_old_circle(tmp_path: Path) -> None:
         "from pipeline.evaluation.ranking import rank_split\n"  # allowed: evaluation is below training
         "def train():\n    from pipeline.tracking.runs import RunLogger\n    import mlflow\n"
     )
-    (tmp_path / "pipeline" / "evaluation" / "evaluate.py").write_text("from pipeline.training.train import train\n")
+    (tmp_path / "pipeline" / "evaluation" / "evaluate.py").write_text(
+        "from pipeline.training.train import train\nfrom pipeline import ingest\n"
+    )
     assert layer_violations(tmp_path) == [
         "pipeline.evaluation.evaluate (evaluation) imports pipeline.training.train (training, a higher layer)",
+        "pipeline.evaluation.evaluate (evaluation) imports pipeline.ingest (ingest, a higher layer)",
+        "pipeline.evaluation.evaluate imports pipeline.ingest",
         "pipeline.training.train (training) imports pipeline.tracking.runs (tracking, a higher layer)",
         "pipeline.training.train imports pipeline.tracking.runs",
         "pipeline.training.train imports mlflow",
@@ -146,8 +152,11 @@ def test_a_served_model_loads_without_trainer_or_downloader(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("entry", ["pipeline.training.train", "pipeline.evaluation.evaluate"])
 def test_training_and_evaluation_do_not_load_tracking(entry: str) -> None:
-    code = f"import sys, {entry}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'airflow')))"
+    code = (
+        f"import sys, {entry}; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'airflow', 'dvc') "
+        "or m.startswith(('pipeline.tracking', 'pipeline.ingest', 'pipeline.stages'))))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
-    assert "pipeline.tracking" not in done.stdout

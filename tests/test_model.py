@@ -610,6 +610,10 @@ def test_param_groups_cover_every_parameter_once() -> None:
     assert all(p.dim() >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1
     assert {id(p) for p in model.parameters() if p.dim() < 2 and p is not model.history_bias} <= no_decay
     assert id(model.item_emb.weight) not in no_decay
+    copied = copy.deepcopy(model)  # the exemptions belong to the module classes: a copy keeps them
+    assert {id(copied.blocks[0].ffn.b1), id(copied.blocks[0].ffn.b2)} <= {
+        id(p) for p in copied.param_groups(0.1, 1e-3)[1]["params"]
+    }
     biased = build_model(replace(small_cfg(), history_bias=True), num_items=20)
     groups = biased.param_groups(0.1, 1e-3)
     assert sum(len(g["params"]) for g in groups) == len(list(biased.parameters()))

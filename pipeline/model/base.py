@@ -139,15 +139,19 @@ class SequentialRecommender(nn.Module):
 
     def param_groups(self, weight_decay: float, lr: float) -> list[dict]:
         """AdamW groups by shape (nanoGPT rule): decay tensors of 2 or more dimensions (matrices, embeddings), not
-        vectors and scalars (biases, norms, alpha); a 2-D tensor that is not a weight says so with
-        ``_no_weight_decay`` (stacked expert biases, Mamba's decay rates). The history offset (no decay) trains at
-        ``HISTORY_BIAS_LR_SCALE * lr``."""
+        vectors and scalars (biases, norms, alpha); a module whose 2-D tensors are not weights names them in its
+        class attribute ``no_weight_decay`` (stacked expert biases, Mamba's decay rates: declared on the class, so a
+        copy of the model keeps them). The history offset (no decay) trains at ``HISTORY_BIAS_LR_SCALE * lr``."""
+        exempt = {
+            id(getattr(module, name))
+            for module in self.modules()
+            for name in getattr(type(module), "no_weight_decay", ())
+        }
         decay, no_decay = [], []
         for p in self.parameters():
             if not p.requires_grad or p is self.history_bias:
                 continue
-            exempt = getattr(p, "_no_weight_decay", False)
-            (decay if p.dim() >= 2 and not exempt else no_decay).append(p)
+            (decay if p.dim() >= 2 and id(p) not in exempt else no_decay).append(p)
         groups = [
             {"params": decay, "weight_decay": weight_decay, "lr": lr},
             {"params": no_decay, "weight_decay": 0.0, "lr": lr},

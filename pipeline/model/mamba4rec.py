@@ -95,6 +95,8 @@ def fused_scan_available() -> bool:
 class MambaBlock(nn.Module):
     """The selective SSM block (Mamba-1), parameters named as in ``mamba_ssm.Mamba``."""
 
+    no_weight_decay = ("A_log", "D")  # as in mamba_ssm: decay rates and skip gains, not weights
+
     def __init__(self, d_model: int, cfg: MambaConfig) -> None:
         super().__init__()
         d_inner = cfg.expand * d_model
@@ -107,7 +109,6 @@ class MambaBlock(nn.Module):
         self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
-        self.A_log._no_weight_decay = self.D._no_weight_decay = True  # as in mamba_ssm: rates, not weights
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -124,6 +124,8 @@ class HybridMoE(nn.Module):
     the renormalised gate is always 1 and the router learns from the balance loss alone.
     """
 
+    no_weight_decay = ("b1", "b2")  # one bias vector per expert, stacked: 2-D, but biases
+
     def __init__(self, d_model: int, cfg: MoEConfig, *, dropout: float = 0.0, activation: str = "relu") -> None:
         super().__init__()
         cfg.validate()
@@ -139,7 +141,6 @@ class HybridMoE(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(E, h))
         self.w2 = nn.Parameter(torch.empty(E, h, d_model))
         self.b2 = nn.Parameter(torch.zeros(E, d_model))
-        self.b1._no_weight_decay = self.b2._no_weight_decay = True  # one bias vector per expert, stacked: 2-D
         self.alpha_param = nn.Parameter(torch.tensor(float(cfg.alpha_init)))
         self.reset_experts()
 

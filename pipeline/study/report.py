@@ -36,7 +36,7 @@ from pipeline.study.plan import (
     run_params,
 )
 from pipeline.study.runner import decode_per_user, study_tags
-from pipeline.tracking.runs import numeric_metrics
+from pipeline.tracking.runs import headline_metrics
 from pipeline.tracking.store import Tracking
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def import_records(tracking: Tracking, records_dir: Path) -> int:
         run_id = run.info.run_id
         from mlflow.entities import Metric
 
-        metrics = [Metric(k, v, 0, 0) for k, v in numeric_metrics(record["metrics"]).items()]
+        metrics = [Metric(k, v, 0, 0) for k, v in headline_metrics(record["metrics"]).items()]
         for start in range(0, len(metrics), 1000):
             tracking.call("log metrics", tracking.client.log_batch, run_id, metrics=metrics[start : start + 1000])
         tracking.call("upload study record", tracking.client.log_dict, run_id, record, RECORD_ARTIFACT)

@@ -45,7 +45,7 @@ def claimed(lock_path: Path, *, wait: bool) -> Iterator[bool]:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_path)
     try:
-        lock.acquire(timeout=-1 if wait else 0)
+        lock.acquire(blocking=wait)
     except Timeout:
         yield False
         return

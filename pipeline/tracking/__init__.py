@@ -2,6 +2,7 @@
 
 * :mod:`~pipeline.tracking.store`: tracking URI (``$MLFLOW_TRACKING_URI`` or the embedded SQLite store), retries;
 * :mod:`~pipeline.tracking.runs`: the run each model is logged on, carried between stages in pointer files;
+* :mod:`~pipeline.tracking.train_stage`, :mod:`~pipeline.tracking.evaluate_stage`: those stages with their run;
 * :mod:`~pipeline.tracking.promotion`: ``register(params)``: the gate that decides whether a model becomes ``champion``;
 * :mod:`~pipeline.tracking.registry`: registry calls: version + aliases as one unit, recovery, the champion's files;
 * :mod:`~pipeline.tracking.packaging`: the pyfunc as logged (code, artifacts, signature, requirements);

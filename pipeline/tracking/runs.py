@@ -64,14 +64,16 @@ def flat_params(params: Params) -> dict[str, str]:
     """The parameters that shaped this model, as ``section.key`` -> string (lists as JSON), as params.yaml spells it.
 
     Left out, so that the compare view shows what differs between models: ``retrain.*`` (when the DAG runs) and
-    ``mlflow.*`` (where runs are logged), the settings of other data sources and of the downloader, and the settings
-    of other model kinds (:meth:`ModelConfig.relevant`). The whole file is the run's ``params.yaml`` artifact.
+    ``mlflow.*`` (where runs are logged), where the data is fetched from (``data.download``, ``data.mirror``,
+    ``data.cache_dir``), the settings of other data sources and of other model kinds (:meth:`ModelConfig.relevant`).
+    The whole file is the run's ``params.yaml`` artifact.
     """
     tree = dataclasses.asdict(params)
     tree.pop("retrain")
     tree.pop("mlflow")
     data = tree["data"]
-    data.pop("download")
+    for where in ("download", "mirror", "cache_dir"):
+        data.pop(where)
     for source in ("custom", "synthetic"):
         if params.data.dataset != source:
             data.pop(source)

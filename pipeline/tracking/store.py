@@ -8,7 +8,7 @@ MLflow's own HTTP client retries for minutes by default; here it is told not to 
 defaults to 0 unless already set) and every call goes through :meth:`Tracking.call`, which retries transient
 failures ``mlflow.retries`` times with doubling back-off (tenacity) and then raises :class:`TrackingError` naming the
 URI. One retry policy for every call, whatever the store (MLflow's own retries cover only its HTTP client).
-Importing this module does not import MLflow (train imports it even when tracking is off).
+Importing this module does not import MLflow (the train stage imports it even when tracking is off).
 """
 
 from __future__ import annotations

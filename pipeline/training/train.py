@@ -38,7 +38,7 @@ from pipeline.io import atomic_path, file_digest, write_json_atomic
 from pipeline.model import build_model
 from pipeline.model.config import ModelConfig
 from pipeline.model.files import ModelFiles, save_weights
-from pipeline.model.train_log import train_log_path, write_log
+from pipeline.model.train_log import LOG_COLUMNS, train_log_path, write_log
 from pipeline.params import Params, ParamsError, from_dict
 
 log = logging.getLogger(__name__)
@@ -113,14 +113,14 @@ class TrainResult:
 EpochCallback = Callable[[dict[str, float]], None]
 
 
-def train(params: Params, on_epoch: EpochCallback | None = None) -> TrainResult:
+def train(params: Params, on_epoch: EpochCallback | None = None, fingerprint: str | None = None) -> TrainResult:
     """Train ``params.model`` on the processed splits (resuming a matching checkpoint); returns what it did.
 
     ``on_epoch`` receives each epoch's row of ``train_log.csv`` once the epoch's checkpoint is written (on rank 0):
-    the entry points attach experiment tracking there, so this layer never imports it.
+    the entry points attach experiment tracking there, so this layer never imports it. ``fingerprint``: the
+    :func:`run_fingerprint` of ``params`` when the caller has it already (it hashes the training data).
     """
-    trainer = Trainer(params)
-    return trainer.fit(on_epoch)
+    return Trainer(params, fingerprint).fit(on_epoch)
 
 
 class Trainer:
@@ -165,6 +165,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
+        self._epoch_started = 0.0
         self._resume_or_warm_start()
         self.resumed_after_epoch = self.state.epoch
 
@@ -201,11 +202,10 @@ class Trainer:
             self.parameters,
         )
         while not self.done:
-            started = _now()
             row = self.train_epoch()
             row.update(self.validate())
-            row["epoch_seconds"] = _now() - started
-            self.end_epoch(row)
+            row["epoch_seconds"] = _now() - self._epoch_started
+            self.end_epoch({column: row[column] for column in LOG_COLUMNS})  # the log's column order
             if self.rank == 0:
                 self.save_checkpoint()
                 if on_epoch is not None:
@@ -229,6 +229,7 @@ class Trainer:
         model.train()
         totals = {"loss": 0.0, "ce": 0.0, "lb": 0.0}
         last_stats: dict[str, float] = {}
+        self._epoch_started = _now()  # epoch_seconds: the steps and the validation, as before the Trainer
         # a bar only on a terminal (disable=None): captured into a log (Airflow, nohup) it would be noise
         bar = tqdm(
             batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if self.rank == 0 else True
