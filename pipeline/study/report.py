@@ -228,11 +228,12 @@ def versus(ref: Variant | None, ref_users: np.ndarray | None, variant: Variant) 
     p = wilcoxon_p(ref_users, theirs)
     delta = float(ref_users.mean() - theirs.mean())
     mark = ("▲" if delta > 0 else "▼") if p < SIGNIFICANCE else ""
-    return f"{delta:+.4f}, p = {format_p(p)} {mark}".rstrip()
+    return f"{delta:+.4f}, p {format_p(p)} {mark}".rstrip()
 
 
 def format_p(p: float) -> str:
-    return f"{p:.2g}" if p >= 1e-4 else "< 1e-4"
+    """The relation and the value, to follow "p ": ``= 0.037`` or ``< 1e-4``."""
+    return f"= {p:.2g}" if p >= 1e-4 else "< 1e-4"
 
 
 def bucket_table(variants: list[Variant]) -> list[str]:
@@ -417,7 +418,7 @@ def target_lines(data: dict[str, Any], main: list[Variant]) -> list[str]:
         verdict = "met" if delta > 0 and p < SIGNIFICANCE else "**not met**"
         lines.append(
             f"- HyMoERec above its own SASRec with p < {SIGNIFICANCE}: {verdict} (Δ NDCG@10 {delta:+.4f}, "
-            f"p = {format_p(p)}, {len(ours.records)} and {len(sasrec.records)} seed(s))"
+            f"p {format_p(p)}, {len(ours.records)} and {len(sasrec.records)} seed(s))"
         )
     return lines
 
