@@ -4,12 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean airflow mlflow-ui
+.PHONY: run test lint bench clean airflow mlflow-ui lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -c constraints.txt
 	$(BIN)/pip check
 	@test -d .git || git init --quiet
 	@test -d .dvc || $(BIN)/dvc init --quiet
@@ -26,6 +26,14 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+## lock: re-resolve `.[dev]` in a scratch virtualenv and write the pins to constraints.txt (CI and the image use them)
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip && .lock-venv/bin/pip install --quiet -e '.[dev]'
+	head -3 constraints.txt > constraints.new
+	.lock-venv/bin/pip freeze --exclude-editable | grep -v '^#' | sed 's/+cpu$$//' >> constraints.new
+	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 ## bench: data-pipeline scale benchmark (10M synthetic events), figures go to BENCHMARKS.md by hand
 bench: $(STAMP)
