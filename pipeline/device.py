@@ -6,6 +6,8 @@ bottom modules ``cpu_memory`` and ``errors``), so any layer may use it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pipeline.cpu_memory import keep_freed_memory
@@ -21,12 +23,26 @@ def pick_device(choice: str) -> torch.device:
     device = torch.device(choice)
     if device.type == "cpu":
         keep_freed_memory()
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
     return device
 
 
 def autocast_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA when ``train.amp`` is on; None (full float32) on CPU."""
     return torch.bfloat16 if (amp and device.type == "cuda") else None
+
+
+def setup_distributed(device_choice: str) -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1), once: NCCL when training on CUDA (each
+    rank on GPU ``LOCAL_RANK``), gloo on the CPU. Returns (rank, world size); (0, 1) in a plain process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and torch.distributed.is_available() and not torch.distributed.is_initialized():
+        cuda = device_choice != "cpu" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return distributed_rank()
 
 
 def distributed_rank() -> tuple[int, int]:

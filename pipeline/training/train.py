@@ -5,8 +5,11 @@ source of randomness (weights init, dropout, BERT4Rec masking, sampled negatives
 end-of-epoch checkpoint stores. A run killed at any point and resumed from its last checkpoint therefore replays
 exactly the steps the uninterrupted run would have taken and ends with identical weights and metrics.
 
-DDP-ready: the epoch permutation is sliced by rank (``perm[rank::world]``) and only rank 0 writes files; under
-``torchrun`` wrap the model in ``DistributedDataParallel`` before the loop (see the roadmap).
+Data-parallel under ``torchrun --nproc_per_node N -m pipeline train``: one model, wrapped in
+DistributedDataParallel (gloo on the CPU, NCCL on CUDA); every global batch is split between the ranks
+(``batch[rank::world]``) and the gradients averaged, rank 0 validates and shares the figures, and only rank 0
+writes the checkpoint, ``model.pt``, ``model.json`` (with ``world_size``) and the log. A resumed run continues from
+the last checkpoint as in one process (each rank then draws fresh dropout masks; exact replay is single-process).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from tqdm import tqdm
 
 from pipeline.data.layout import PreprocessOutputs, num_items
 from pipeline.data.sequences import eval_split, training_sequences
-from pipeline.device import autocast_dtype, distributed_rank, pick_device
+from pipeline.device import autocast_dtype, pick_device, setup_distributed
 from pipeline.errors import BadInputError
 from pipeline.evaluation.metrics import summarise
 from pipeline.evaluation.ranking import rank_split
@@ -123,6 +126,22 @@ def train(params: Params, on_epoch: EpochCallback | None = None, fingerprint: st
     return Trainer(params, fingerprint).fit(on_epoch)
 
 
+class TrainingLoss(torch.nn.Module):
+    """The model's training loss as ``forward``: DistributedDataParallel synchronises the gradients of forward calls.
+
+    Returns the loss tensor (what DDP traces); the whole :class:`LossOutput` is kept in ``last``.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.last: Any = None
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self.last = self.model.training_loss(inputs, targets, **kwargs)
+        return self.last.loss
+
+
 class Trainer:
     """One training run: set-up (data, model, optimiser, resume or warm start), then epochs until early stopping.
 
@@ -135,9 +154,9 @@ class Trainer:
         self.cfg = cfg = params.train
         self.outputs = TrainOutputs.under(cfg.model_dir)
         self.fingerprint = fingerprint or run_fingerprint(params)
+        self.rank, self.world = setup_distributed(cfg.device)  # (0, 1) unless started by torchrun
         self.device = pick_device(cfg.device)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
-        self.rank, self.world = distributed_rank()
 
         processed = params.preprocess.processed_dir
         self.splits = PreprocessOutputs.under(processed)
@@ -150,19 +169,29 @@ class Trainer:
         self.inputs = torch.from_numpy(sequences.inputs)
         self.targets = torch.from_numpy(sequences.targets)
 
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         self.model = build_model(params.model, self.num_items).to(self.device)
+        self.ddp: torch.nn.Module | None = None
+        if self.world > 1:
+            # gradients are averaged over the ranks in backward; top-K routing leaves some experts without a
+            # gradient in a step, hence find_unused_parameters
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                TrainingLoss(self.model),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+            torch.manual_seed(cfg.seed * 1000 + self.rank)  # each rank its own dropout masks
         self.optimizer = torch.optim.AdamW(
             self.model.param_groups(cfg.weight_decay, cfg.lr),
             lr=cfg.lr,
             betas=(0.9, 0.98),
             fused=self.device.type == "cuda",
         )
-        steps_per_epoch = math.ceil(len(sequences.inputs) / self.world / cfg.batch_size)
+        steps_per_epoch = math.ceil(len(sequences.inputs) / cfg.batch_size)  # every rank steps once per global batch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(cfg, steps_per_epoch * cfg.epochs)
         )
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.rank)
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
         self._epoch_started = 0.0
@@ -177,6 +206,9 @@ class Trainer:
             )
             if loaded is not None:
                 self.state, self.best_weights = loaded
+                if self.world > 1:  # the checkpoint holds rank 0's random state: give each rank its own again
+                    torch.manual_seed(cfg.seed * 1000 + self.rank + 7919 * self.state.epoch)
+                    self.generator.manual_seed(cfg.seed + self.rank + 7919 * self.state.epoch)
         if (
             self.state.epoch == 0
             and cfg.warm_start_from
@@ -190,7 +222,7 @@ class Trainer:
 
     def fit(self, on_epoch: EpochCallback | None = None) -> TrainResult:
         params = self.params
-        log.info(
+        (log.info if self.rank == 0 else log.debug)(
             "training %s (%s, MoE %s) on %d sequences, %d items, device %s%s; %d parameters",
             params.model.kind,
             "causal" if params.model.kind != "bert4rec" else "cloze",
@@ -212,7 +244,8 @@ class Trainer:
                     on_epoch(row)
         if self.rank == 0:
             self.write_model()
-        log.info("best validation NDCG@10 %.4f at epoch %d", self.state.best_metric, self.state.best_epoch)
+        if self.rank == 0:
+            log.info("best validation NDCG@10 %.4f at epoch %d", self.state.best_metric, self.state.best_epoch)
         return self.result()
 
     @property
@@ -242,7 +275,11 @@ class Trainer:
             x, y = self.inputs[index, -width:].to(device), self.targets[index, -width:].to(device)
             model.set_train_step(state.step)
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = model.training_loss(x, y, num_negatives=cfg.num_negatives, generator=self.generator)
+                if self.ddp is not None:  # through DDP's forward, so that backward averages the gradients
+                    self.ddp(x, y, num_negatives=cfg.num_negatives, generator=self.generator)
+                    out = self.ddp.module.last
+                else:
+                    out = model.training_loss(x, y, num_negatives=cfg.num_negatives, generator=self.generator)
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if cfg.grad_clip > 0:
@@ -267,7 +304,17 @@ class Trainer:
         }
 
     def validate(self) -> dict[str, float]:
-        """Full-ranking HR@10 / NDCG@10 on the validation split (the model-selection metric)."""
+        """Full-ranking HR@10 / NDCG@10 on the validation split (the model-selection metric).
+
+        Under torchrun rank 0 validates and sends the figures to the others, so every rank takes the same
+        early-stopping decision (the weights are the same on all ranks)."""
+        if self.world > 1:
+            figures = [self._validate() if self.rank == 0 else None]
+            torch.distributed.broadcast_object_list(figures, src=0)
+            return figures[0]
+        return self._validate()
+
+    def _validate(self) -> dict[str, float]:
         metrics = summarise(
             rank_split(
                 self.model,
@@ -293,7 +340,7 @@ class Trainer:
             self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         else:
             state.bad_epochs += 1
-        log.info(
+        (log.info if self.rank == 0 else log.debug)(
             "epoch %d: loss %.4f (lb %.4f)  valid HR@10 %.4f NDCG@10 %.4f%s  [%.1fs]",
             state.epoch,
             row["train_loss"],
@@ -337,6 +384,7 @@ class Trainer:
                 "fingerprint": self.fingerprint,
                 "item_catalogue": catalogue_fingerprint(self.splits.item_map),
                 "device": str(self.device),
+                "world_size": self.world,  # processes that trained it (torchrun), each on its share of every batch
             },
         )
         write_log(self.outputs.log, state.history)
@@ -412,7 +460,9 @@ def epoch_batches(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if bucket:
         batches = [batches[i] for i in rng.permutation(len(batches))]
-    return [b[rank::world] for b in batches if len(b[rank::world])]
+    # every rank gets a share of every batch, so all take the same number of steps (a batch smaller than the
+    # world, the last one at most, is dropped under torchrun: a rank without rows would stall the others)
+    return [b[rank::world] for b in batches if len(b) >= world]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
