@@ -235,3 +235,38 @@ def test_checkpoint_fingerprint_covers_only_the_models_own_settings(tmp_path: Pa
     mamba = fingerprint(**{"model.kind": "mamba4rec"})
     assert fingerprint(**{"model.kind": "mamba4rec", "model.mamba.dropout": 0.4}) != mamba
     assert fingerprint(**{"model.kind": "mamba4rec", "model.moe.top_k": 1}) == mamba
+
+
+def test_a_model_file_that_is_not_what_it_claims_is_refused(tmp_path: Path, data_root: Path) -> None:
+    """The loader (evaluate, serving) takes only the model.pt training wrote, as plain weights of that network."""
+    import pickle
+    import shutil
+
+    from pipeline.io import file_digest
+    from pipeline.model.files import ModelFileError, load_trained_model
+
+    params = load_params(REPO_ROOT / "params.yaml", tiny_overrides(data_root, **{"train.epochs": 1}))
+    params.train.model_dir = str(tmp_path / "m")
+    outputs = train(params).outputs
+    assert load_trained_model(tmp_path / "m").num_items > 0  # as written: loads
+    config = json.loads(outputs.config.read_text())
+    assert config["weights_sha256"] == file_digest(outputs.model)
+
+    weights = torch.load(outputs.model, weights_only=True)
+    swapped = {k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}
+    torch.save(swapped, outputs.model)  # a valid state_dict, but not the one trained
+    with pytest.raises(ModelFileError, match="sha256 differs"):
+        load_trained_model(tmp_path / "m")
+
+    def rewrite(payload: bytes) -> None:
+        outputs.model.write_bytes(payload)
+        outputs.config.write_text(json.dumps({**config, "weights_sha256": file_digest(outputs.model)}))
+
+    rewrite(pickle.dumps(shutil.rmtree))  # code, not weights: weights_only refuses to unpickle it
+    with pytest.raises(ModelFileError, match="is not weights of the model"):
+        load_trained_model(tmp_path / "m")
+    other = tmp_path / "other.pt"
+    torch.save({k: v[..., :1] if v.dim() else v for k, v in weights.items()}, other)  # another shape
+    rewrite(other.read_bytes())
+    with pytest.raises(ModelFileError, match="is not weights of the model"):
+        load_trained_model(tmp_path / "m")

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.io import write_bytes_atomic
+from pipeline.errors import PipelineError
+from pipeline.io import file_digest, write_bytes_atomic
 from pipeline.model import SequentialRecommender, build_model
 from pipeline.model.config import ModelConfig
 from pipeline.params import from_dict
@@ -48,9 +50,24 @@ def load_model_files(
 ) -> SequentialRecommender:
     """Rebuild the model from ``model.json`` and load ``model.pt`` (``weights_only=True``: no pickled code), eval mode.
 
-    One loader for the evaluate stage and the served MLflow model, whose artifacts are separate files.
+    One loader for the evaluate stage and the served MLflow model, whose artifacts are separate files. A
+    ``model.pt`` that is not what ``model.json`` describes is refused with a :class:`ModelFileError`: another file
+    than the one trained (its sha256, recorded at training, differs), not a plain state_dict (pickled code), or
+    weights of another architecture.
     """
     meta = json.loads(Path(config).read_text())
+    recorded = meta.get("weights_sha256")  # absent in a model.json written before it was recorded
+    if recorded and file_digest(weights) != recorded:
+        raise ModelFileError(f"{weights} is not the model {config} describes (sha256 differs): retrain or re-download")
     model = build_model(from_dict(ModelConfig, meta["model"], "model"), int(meta["num_items"]))
-    model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
+    try:
+        state = torch.load(weights, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFileError(f"{weights} is not weights of the model {config} describes: {first}") from err
     return model.to(device).eval()
+
+
+class ModelFileError(PipelineError):
+    """A model file that is not what it claims to be: refused, never loaded."""

@@ -385,6 +385,7 @@ class Trainer:
                 "item_catalogue": catalogue_fingerprint(self.splits.item_map),
                 "device": str(self.device),
                 "world_size": self.world,  # processes that trained it (torchrun), each on its share of every batch
+                "weights_sha256": file_digest(self.outputs.model),  # the loader refuses any other model.pt
             },
         )
         write_log(self.outputs.log, state.history)
