@@ -28,6 +28,7 @@ class Stage:
     ``params`` are the ``params.yaml`` keys (or whole sections) the stage's outputs depend on, so that changing
     anything else (tracking, retraining, report cut-offs) leaves it up to date; ``code`` are the modules whose
     functions it runs: with every pipeline module they import, they are the stage's code dependencies.
+    ``inputs`` and ``outputs`` are its files, as ``dvc.yaml`` writes them (paths from ``params.yaml``).
     """
 
     name: str
@@ -35,6 +36,8 @@ class Stage:
     run: Callable[[Params], object]
     params: tuple[str, ...] = ()
     code: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
     dvc: bool = True  # a stage of dvc.yaml (register and recommend are commands around the registry)
 
 
@@ -84,6 +87,13 @@ def recommend(params: Params) -> object:
     return recommend_batch(params)
 
 
+SPLITS = ("train.parquet", "valid.parquet", "test.parquet")
+
+
+def _under(folder: str, *names: str) -> tuple[str, ...]:
+    return tuple(f"{folder}/{name}" for name in names)
+
+
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
@@ -93,6 +103,7 @@ STAGES: dict[str, Stage] = {
             download,
             params=("data",),
             code=("pipeline.data.download",),
+            outputs=_under("${data.interim_dir}", "interactions.parquet", "quarantine.csv", "manifest.json"),
         ),
         Stage(
             "preprocess",
@@ -100,6 +111,10 @@ STAGES: dict[str, Stage] = {
             preprocess,
             params=("preprocess", "data.interim_dir"),
             code=("pipeline.data.preprocess",),
+            inputs=_under("${data.interim_dir}", "interactions.parquet"),
+            outputs=_under(
+                "${preprocess.processed_dir}", *SPLITS, "user_map.parquet", "item_map.parquet", "stats.json"
+            ),
         ),
         Stage(
             "train",
@@ -108,6 +123,10 @@ STAGES: dict[str, Stage] = {
             # mlflow.* only says where the run is logged: changing it never re-trains (evaluate back-fills a run)
             params=("model", "train", "evaluate.exclude_seen", "preprocess.processed_dir"),
             code=("pipeline.tracking.train_stage",),
+            inputs=_under("${preprocess.processed_dir}", "train.parquet", "valid.parquet", "item_map.parquet"),
+            outputs=_under(
+                "${train.model_dir}", "model.pt", "model.json", "checkpoint.pt", "mlflow_run.json", "train_log.csv"
+            ),
         ),
         Stage(
             "evaluate",
@@ -131,6 +150,20 @@ STAGES: dict[str, Stage] = {
                 "pipeline.tracking.evaluate_stage",
                 "pipeline.tracking.promotion",
                 "pipeline.tracking.pyfunc_model",
+            ),
+            inputs=(
+                *_under("${train.model_dir}", "model.pt", "model.json", "mlflow_run.json"),
+                *_under("${preprocess.processed_dir}", *SPLITS, "item_map.parquet"),
+            ),
+            outputs=_under(
+                "${evaluate.report_dir}",
+                "metrics.json",
+                "per_user.parquet",
+                "expert_load.json",
+                "mlflow_run.json",
+                "training_curves.png",
+                "bucket_metrics.png",
+                "expert_load.png",
             ),
         ),
         Stage(

@@ -69,6 +69,27 @@ def test_dvc_stage_lists_exactly_the_parameters_it_reads(name: str) -> None:
     assert sorted(dvc_stages()[name].get("params", [])) == sorted(STAGES[name].params)
 
 
+def paths(entries: list | None) -> list[str]:
+    """Paths of a dvc.yaml list whose entries are a path or ``{path: options}``."""
+    return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries or []]
+
+
+@pytest.mark.parametrize("name", [name for name, stage in STAGES.items() if stage.dvc])
+def test_dvc_stage_has_the_table_s_inputs_and_outputs(name: str) -> None:
+    stage = dvc_stages()[name]
+    inputs = [path for path in paths(stage.get("deps")) if not path.startswith("pipeline")]
+    outputs = paths(stage.get("outs")) + paths(stage.get("metrics")) + paths(stage.get("plots"))
+    assert (sorted(inputs), sorted(outputs)) == (sorted(STAGES[name].inputs), sorted(STAGES[name].outputs))
+
+
+def test_each_stage_reads_only_what_an_earlier_stage_wrote() -> None:
+    """The table is a pipeline: every input is an output of a stage before it (no file from nowhere)."""
+    written: set[str] = set()
+    for stage in (s for s in STAGES.values() if s.dvc):
+        assert set(stage.inputs) <= written, (stage.name, set(stage.inputs) - written)
+        written |= set(stage.outputs)
+
+
 @pytest.mark.parametrize("name", [name for name, stage in STAGES.items() if stage.dvc])
 def test_dvc_stage_depends_on_all_the_code_it_runs_and_no_more(name: str) -> None:
     code = code_closure(STAGES[name].code)
