@@ -89,6 +89,9 @@ def test_the_project_spec_plans_the_issue_table() -> None:
         False,
         "study",
     )
+    for run in (r for r in beauty if r.group == "main" and r.seed == 1):  # a baseline is its published network
+        label = spec["variants"][run.variant]["label"]
+        assert run_params(run, REPO_ROOT / "params.yaml").model.display_name == label, run.variant
     ablation = run_params(next(r for r in beauty if r.variant == "no-dense"), REPO_ROOT / "params.yaml")
     assert ablation.model.uses_moe and not ablation.model.moe.dense_branch and ablation.model.dropout == 0.5
 
