@@ -183,6 +183,13 @@ def test_partial_layout_is_flagged_and_the_full_copy_preferred(tmp_path: Path, n
     events = pq.read_table(out.interactions).to_pandas()
     assert list(zip(events["user_id"], events["item_id"], strict=True)) == [(1, 3), (1, 2), (2, 3), (1, 1)]
 
+    split = {"train_input": "3 2\n3\n", "val_input": "3 4\n", "val_output": "2\n", "test_output": "1\n5\n"}
+    for name, text in split.items():
+        write_text(mirror / "ml-1m" / "gsasrec_splits" / f"{name}.txt", text)
+    manifest = json.loads(download(params_for(tmp_path, "ml-1m", mirror)).manifest.read_text())
+    assert (manifest["source"]["layout"], manifest["source"]["complete"]) == ("gsasrec-prefixes", False)
+    assert "gapless" in manifest["source"]["note"] and manifest["rows"]["kept"] == 6  # 3 2 | 3 4 2 5
+
     write_text(mirror / "ml-1m" / "ratings.dat", "1::1193::5::978300760\n2::661::3::978302109\n", encoding="latin-1")
     manifest = json.loads(download(params_for(tmp_path, "ml-1m", mirror)).manifest.read_text())
     assert (manifest["source"]["layout"], manifest["source"]["complete"]) == ("ratings.dat", True)

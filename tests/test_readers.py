@@ -18,7 +18,14 @@ import pytest
 
 from pipeline.data.events import BEFORE_WINDOW
 from pipeline.data.quarantine import QUARANTINE_COLUMNS, BadInputError, ReadResult
-from pipeline.data.readers import read_custom, read_delimited, read_jsonl, read_user_sequences, resolve_files
+from pipeline.data.readers import (
+    read_custom,
+    read_delimited,
+    read_gsasrec_prefixes,
+    read_jsonl,
+    read_user_sequences,
+    resolve_files,
+)
 from tests.conftest import write_text
 
 ML_FIELDS = ["user_id", "item_id", "rating", "timestamp"]
@@ -179,6 +186,49 @@ def test_user_sequences_timestamp_file_with_other_line_count(tmp_path: Path) -> 
 def test_user_sequences_empty_file(tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="empty"):
         read_user_sequences(write_text(tmp_path / "Beauty.txt", ""))
+
+
+# ---------------------------------------------------------------------------------------- read_gsasrec_prefixes
+def gsasrec_files(folder: Path, val_input: str = "7 8 9\n") -> list[Path]:
+    """Three users; user 2 is the validation user (whole sequence 7 8 9 | 4 | 5), users 1 and 3 lack seq[-2]."""
+    texts = {
+        "train_input": "1 2 3\n7 8\n3 2\n",
+        "val_input": val_input,
+        "val_output": "4\n",
+        "test_output": "6\n5\n1\n",
+    }
+    return [write_text(folder / f"{name}.txt", text) for name, text in texts.items()]
+
+
+def test_gsasrec_prefixes_are_whole_for_validation_users_and_gapless_for_the_rest(tmp_path: Path) -> None:
+    result = read_gsasrec_prefixes(*gsasrec_files(tmp_path))
+    sequences = result.events.groupby("user_id")["item_id"].apply(list).to_dict()
+    # user 2: train + val input's last + val output + test output; users 1, 3: their train line only (seq[:-2]),
+    # never train + test output, whose history would miss the event right before the target
+    assert sequences == {1: [1, 2, 3], 2: [7, 8, 9, 4, 5], 3: [3, 2]}
+    assert (np.diff(result.events["timestamp"].to_numpy()) > 0).all() and not result.has_timestamps
+    assert_accounted(result)
+
+
+def test_gsasrec_validation_line_matching_no_user_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match=r"val_input.txt line 1: its first items are no user's line"):
+        read_gsasrec_prefixes(*gsasrec_files(tmp_path, val_input="7 9 9\n"))
+    with pytest.raises(BadInputError, match="do not line up"):
+        read_gsasrec_prefixes(*gsasrec_files(tmp_path, val_input="7 8 9\n1 2 3 4\n"))
+
+
+def test_gsasrec_prefixes_of_the_real_ml1m_split(real_mirror: Path) -> None:
+    folder = real_mirror / "ml-1m" / "gsasrec_splits"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is not in this mirror")
+    names = ("train_input", "val_input", "val_output", "test_output")
+    events = read_gsasrec_prefixes(*(folder / f"{n}.txt" for n in names)).events
+    partial = read_delimited(real_mirror / "ml-1m" / "ml-1m_sasrec_format_partial.txt.gz", ["user_id", "item_id"], " ")
+    ours = events.groupby("user_id")["item_id"].apply(list)
+    glued = partial.events.groupby("user_id")["item_id"].apply(list)
+    whole = sum(ours[u] == glued[u] for u in glued.index)
+    prefix = sum(ours[u] == glued[u][:-1] for u in glued.index)
+    assert (len(events), len(ours), whole, prefix) == (988_555, 6040, 512, 5528)
 
 
 # ------------------------------------------------------------------------------------------ read_jsonl

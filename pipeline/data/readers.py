@@ -159,8 +159,28 @@ def read_user_sequences(
     With ``timestamps_path`` (same layout, ``user ts ts ...``, aligned line by line) real timestamps are attached;
     a line whose lengths or user ids disagree between the two files is quarantined whole.
     """
-    source = str(path)
     lines, undecodable = read_text_lines(path)
+    ts_lines = None
+    if timestamps_path is not None:
+        ts_lines, _ = read_text_lines(timestamps_path)
+        if len(ts_lines) != len(lines):
+            raise BadInputError(
+                f"{timestamps_path} has {len(ts_lines)} lines but {path} has {len(lines)}: they must align"
+            )
+    ts_name = None if timestamps_path is None else Path(timestamps_path).name
+    return parse_sequence_lines(str(path), lines, undecodable, ts_lines, ts_name, window=window)
+
+
+def parse_sequence_lines(
+    source: str,
+    lines: pd.Series,
+    undecodable: pd.DataFrame,
+    ts_lines: pd.Series | None = None,
+    ts_name: str | None = None,
+    *,
+    window: TimestampWindow | None = None,
+) -> ReadResult:
+    """The events of ``user item item ...`` lines (line k of ``lines`` is physical line k + 1 of ``source``)."""
     line_no = pd.Series(np.arange(1, len(lines) + 1), index=lines.index)
     keep = bool_mask(lines.str.strip() != "")
     lines, line_no = lines[keep], line_no[keep]
@@ -170,15 +190,10 @@ def read_user_sequences(
     reasons = pd.Series(pd.NA, index=lines.index, dtype="string")
     reasons[bool_mask(tokens.str.len() < 2)] = "a sequence line needs a user id and at least one item"
     stamps = None
-    if timestamps_path is not None:
-        ts_lines, _ = read_text_lines(timestamps_path)
-        if len(ts_lines) != len(keep):
-            raise BadInputError(
-                f"{timestamps_path} has {len(ts_lines)} lines but {source} has {len(keep)}: they must align"
-            )
+    if ts_lines is not None:
         stamps = ts_lines[keep].set_axis(lines.index).str.strip().str.split()
         mismatch = bool_mask((stamps.str.len() != tokens.str.len()) | (stamps.str[0] != tokens.str[0]))
-        reasons[mismatch & bool_mask(reasons.isna())] = f"length or user differs from {Path(timestamps_path).name}"
+        reasons[mismatch & bool_mask(reasons.isna())] = f"length or user differs from {ts_name}"
     ok = bool_mask(reasons.isna())
     bad = bad_rows_frame(source, line_no[~ok], reasons[~ok], lines[~ok])
     users = tokens[ok].str[0]
@@ -209,6 +224,46 @@ def read_user_sequences(
     )
     result.bad_rows = pd.concat([undecodable, bad, result.bad_rows], ignore_index=True)
     return result
+
+
+def read_gsasrec_prefixes(
+    train_input: str | os.PathLike[str],
+    val_input: str | os.PathLike[str],
+    val_output: str | os.PathLike[str],
+    test_output: str | os.PathLike[str],
+    *,
+    window: TimestampWindow | None = None,
+) -> ReadResult:
+    """Gapless user sequences from the gSASRec split of SASRec's ``ml-1m.txt`` (one line per user, items only).
+
+    The split keeps ``seq[:-3]`` + ``seq[-3]`` (``val/input``), ``seq[-2]`` (``val/output``) and ``seq[-1]`` for
+    its validation users, but only ``seq[:-2]`` and ``seq[-1]`` for everyone else: their ``seq[-2]`` is in no
+    file. Gluing ``seq[-1]`` on would put a hole right before every test target (test then scores far below
+    validation), so validation users get their whole sequence and the others ``seq[:-2]``, a true prefix.
+    Line k of ``train_input`` is user k; a validation line is matched to its user by its first n - 1 items.
+    """
+    train, undecodable = read_text_lines(train_input)
+    val_in, val_out, test_out = (read_text_lines(p)[0].str.strip() for p in (val_input, val_output, test_output))
+    val_in, val_out = val_in[val_in != ""], val_out[val_out != ""]
+    if len(val_in) != len(val_out) or len(test_out[test_out != ""]) != len(train):
+        raise BadInputError(
+            f"gSASRec split files do not line up: {len(train)} train lines, {len(val_in)} val inputs, "
+            f"{len(val_out)} val outputs, {len(test_out[test_out != ''])} test outputs (want train = test, val = val)"
+        )
+    normalised = train.str.split().str.join(" ")
+    user_of_line = pd.Series(np.arange(1, len(train) + 1), index=normalised.to_numpy())
+    if user_of_line.index.has_duplicates:
+        raise BadInputError(f"{train_input}: two users have the same sequence; validation lines cannot be matched")
+    val_tokens = val_in.str.split()
+    val_users = user_of_line.reindex(val_tokens.str[:-1].str.join(" ").to_numpy())
+    if val_users.isna().any():
+        first = int(np.flatnonzero(val_users.isna().to_numpy())[0])
+        raise BadInputError(f"{val_input} line {first + 1}: its first items are no user's line in {train_input}")
+    lines = pd.Series(user_of_line.to_numpy().astype(str), index=train.index) + " " + train.str.strip()
+    rows = val_users.to_numpy().astype(np.int64) - 1
+    tail = val_tokens.str[-1].to_numpy() + " " + val_out.to_numpy() + " " + test_out.to_numpy()[rows]
+    lines.iloc[rows] = lines.iloc[rows].to_numpy() + " " + tail
+    return parse_sequence_lines(str(train_input), lines, undecodable, window=window)
 
 
 # --------------------------------------------------------------------------------------------------- JSON lines

@@ -97,11 +97,13 @@ def execute(
 
 def make_record(run: Run, params: Params, wall_seconds: float) -> dict[str, Any]:
     """Everything the report needs from one finished run, small enough to commit (~15 kB on Beauty)."""
+    from pipeline.data.layout import DownloadOutputs
     from pipeline.evaluation.evaluate import EvaluateOutputs
     from pipeline.training.train import TrainOutputs
 
     trained = TrainOutputs.under(params.train.model_dir)
     reports = EvaluateOutputs.under(params.evaluate.report_dir)
+    manifest = DownloadOutputs.under(params.data.interim_dir).manifest
     model_json = json.loads(trained.config.read_text())
     epochs = read_log(trained.log)
     best_epoch = int(model_json["best_epoch"])
@@ -126,6 +128,7 @@ def make_record(run: Run, params: Params, wall_seconds: float) -> dict[str, Any]
         "valid_ndcg@10_by_epoch": [round(row["valid_ndcg@10"], 5) for row in epochs],
         "seconds_to_best": round(sum(row["epoch_seconds"] for row in epochs[:best_epoch]), 1),
         "wall_seconds": round(wall_seconds, 1),  # this invocation only (a resumed run's earlier part is not in it)
+        "data_source": json.loads(manifest.read_text())["source"]["layout"],
         "metrics": json.loads(reports.metrics.read_text()),
         "expert_load": json.loads(reports.expert_load.read_text()),
         "per_user_test": encode_per_user(
