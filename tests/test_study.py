@@ -117,11 +117,15 @@ def test_a_claimed_run_is_skipped_by_a_second_worker(tmp_path: Path) -> None:
 
 
 def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cli(study, "report", "--out", str(study / "empty.md")) == 0  # before any run: the published figures
+    empty = (study / "empty.md").read_text()
+    assert "No finished run yet" in empty and "| Elsewhere | 0.5000 | 0.2500 | – | a paper |" in empty
     assert cli(study, "run", "--seeds", "1", "--threads", "1") == 0
     records = sorted(p.name for p in (study / "results" / "synthetic").glob("*.json"))
     assert records == ["hymoerec-seed1.json", "no-dense-seed1.json", "sasrec-seed1.json", "wide-seed1.json"]
     record = json.loads((study / "results" / "synthetic" / "hymoerec-seed1.json").read_text())
     assert record["epochs_run"] == 2 and len(record["epoch_seconds"]) == 2 and record["torch_threads"] == 1
+    assert record["data_source"] == "synthetic"
     assert decode_per_user(record["per_user_test"]).mean() == pytest.approx(record["metrics"]["test"]["ndcg@10"])
     sasrec = json.loads((study / "results" / "synthetic" / "sasrec-seed1.json").read_text())
     assert sasrec["settings"]["model.moe.enabled"] is False and record["config_digest"] != sasrec["config_digest"]

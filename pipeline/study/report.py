@@ -343,7 +343,7 @@ def write_report(
         planned = done + sum(len(v.pending) for v in variants)
         lines += [f"## {dataset}", "", f"{data['description']}. {done} of {planned} planned runs finished.", ""]
         if not done:
-            lines += ["No finished run yet.", ""]
+            lines += ["No finished run yet.", "", *published_lines(spec, dataset)]
         else:
             lines += dataset_sections(dataset, spec, variants, records_dir, out)
         pending = status_lines(variants)
@@ -354,6 +354,17 @@ def write_report(
     return out
 
 
+def published_lines(spec: dict[str, Any], dataset: str) -> list[str]:
+    """Figures published elsewhere, shown even before our first run so readers see where the target stands."""
+    lines = []
+    if spec.get("published", {}).get(dataset):
+        lines += ["Published figures (other code and preprocessing: for orientation, not like-for-like rows):", ""]
+        lines += published_table(spec["published"][dataset]) + [""]
+    if spec.get("published_notes", {}).get(dataset):
+        lines += [spec["published_notes"][dataset], ""]
+    return lines
+
+
 def dataset_sections(
     dataset: str, spec: dict[str, Any], variants: list[Variant], records_dir: Path, out: Path
 ) -> list[str]:
@@ -361,13 +372,8 @@ def dataset_sections(
 
     main = [v for v in variants if v.group == "main"]
     ablations = [v for v in variants if v.group == "ablation"]
-    published = spec.get("published", {})
     lines = ["### Comparison", "", *comparison_table(main), "", *target_lines(spec["datasets"][dataset], main), ""]
-    if published.get(dataset):
-        lines += ["Published figures (other code and preprocessing: for orientation, not like-for-like rows):", ""]
-        lines += published_table(published[dataset]) + [""]
-    if spec.get("published_notes", {}).get(dataset):
-        lines += [spec["published_notes"][dataset], ""]
+    lines += published_lines(spec, dataset)
     lines += ["### Where the gain comes from", "", "Test NDCG@10 by bucket:", "", *bucket_table(main), ""]
     for picture in plots.draw(dataset, main, records_dir / "plots"):
         lines += [f"![{picture.stem}]({os.path.relpath(picture, out.parent)})", ""]
