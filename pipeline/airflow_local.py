@@ -10,6 +10,10 @@ triggerer and API server, generate the admin password on first start) with two d
 
 Defaults (each one kept when already set in the environment): ``AIRFLOW_HOME=<repo>/airflow_home``, the project's
 ``dags/`` folder, no example DAGs, ``parallelism=4``, DAGs unpaused when first seen, SQLite with the LocalExecutor.
+Beyond one process: set ``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN`` (``postgresql+psycopg://...``) and
+``AIRFLOW__CORE__EXECUTOR=CeleryExecutor`` with ``AIRFLOW__CELERY__BROKER_URL`` (``redis://...``) and
+``AIRFLOW__CELERY__RESULT_BACKEND`` (``db+postgresql+psycopg://...``), and a Celery worker is started too
+(more workers, on other machines, join with ``airflow celery worker``).
 Ctrl-C (or SIGTERM) stops every component, waiting at most ``--stop-timeout`` seconds before killing what is left.
 Each component's output goes to ``$AIRFLOW_HOME/logs/<component>.out``.
 """
@@ -49,12 +53,19 @@ def airflow_env(home: Path, port: int, dags: Path, base: dict[str, str] | None =
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
     }
+    sync_db = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "")
+    if sync_db.startswith("postgresql+psycopg://"):  # psycopg 3 is async too; Airflow would assume asyncpg
+        defaults["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] = sync_db
     for key, value in defaults.items():
         env.setdefault(key, value)
     return env
 
 
-def components(port: int, triggerer: bool = True) -> dict[str, list[str]]:
+def uses_celery(env: dict[str, str]) -> bool:
+    return env.get("AIRFLOW__CORE__EXECUTOR", "").rsplit(".", 1)[-1] == "CeleryExecutor"
+
+
+def components(port: int, triggerer: bool = True, celery_worker: bool = False) -> dict[str, list[str]]:
     commands = {
         "scheduler": ["scheduler", "--skip-serve-logs"],
         "dag-processor": ["dag-processor"],
@@ -62,6 +73,8 @@ def components(port: int, triggerer: bool = True) -> dict[str, list[str]]:
     }
     if triggerer:
         commands["triggerer"] = ["triggerer", "--skip-serve-logs"]
+    if celery_worker:  # its log server would listen on all interfaces: the API server reads the log folder instead
+        commands["celery-worker"] = ["celery", "worker", "--concurrency", "2", "--skip-serve-logs"]
     return commands
 
 
@@ -96,7 +109,7 @@ class Airflow:
             raise RuntimeError(f"airflow db migrate failed: see {self.logs / 'db-migrate.out'}")
 
     def start(self) -> None:
-        for name, command in components(self.port, self.triggerer).items():
+        for name, command in components(self.port, self.triggerer, uses_celery(self.env)).items():
             out = open(self.logs / f"{name}.out", "ab")  # noqa: SIM115 - closed in stop()
             self._outputs.append(out)
             self.processes[name] = subprocess.Popen(

@@ -1,13 +1,23 @@
 """Fixtures and helpers shared by the test modules: the offline dataset mirror, small file writers, tiny parameter
-sets for the training and retraining tests, and one thread per test process.
+sets for the training and retraining tests, one thread per test process, and the real services tests start
+(``mlflow server``) or need running (PostgreSQL, Redis).
 
 Shared here so that no test module imports another."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +30,9 @@ from pipeline.data.preprocess import preprocess
 from pipeline.params import MIRROR_ENV, Params, load_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+POSTGRES = ("127.0.0.1", 5432)  # trust auth for user postgres, as on the CI machines
+REDIS = ("127.0.0.1", 6379)
 
 # a model small enough that an epoch on tiny synthetic data takes well under a second on two CPU cores
 TINY_MODEL = {
@@ -76,11 +89,14 @@ def write_text(path: Path, text: str, *, encoding: str = "utf-8", gz: bool = Fal
     return path
 
 
-def closed_port() -> int:
-    """A local TCP port with nothing listening (bound, then released)."""
+def free_port() -> int:
+    """A local TCP port with nothing listening (bound, then released): for a server to take, or to find closed."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+closed_port = free_port
 
 
 def write_params(path: Path, overrides: dict[str, Any]) -> Path:
@@ -153,3 +169,108 @@ def prepared(root: Path, **extra: Any) -> Params:
     download(params.data)
     preprocess(params.preprocess, params.data.interim_dir)
     return params
+
+
+# --------------------------------------------------------------------------------------------- real services
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    """Wait until ``url`` answers 200, failing early (with the log's tail) if ``proc`` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout_s}s:\n{log.read_text()[-3000:]}")
+
+
+def with_venv_path(**extra: str) -> dict[str, str]:
+    """This environment with the venv's ``bin`` first on PATH (servers spawn ``mlflow`` / ``airflow`` by name)."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+def stop_group(proc: subprocess.Popen | None) -> None:
+    """Stop a process started in its own session, with its children (uvicorn workers)."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with proxied artifacts in ``root`` and a SQLite store there (or
+    ``backend_uri``, e.g. PostgreSQL); restartable."""
+
+    def __init__(self, root: Path, backend_uri: str | None = None) -> None:
+        self.root = root
+        self.backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = self.root / "server.log"
+        cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend_uri]
+        cmd += ["--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--workers", "1"]
+        with open(log, "a") as out:
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=self.root,
+                env=with_venv_path(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_http(f"{self.uri}/health", self.proc, log)
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+        self.proc = None
+
+    def client(self) -> Any:
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.uri, registry_uri=self.uri)  # explicit: the global registry URI may be elsewhere
+
+
+SERVICE_HINTS = {
+    "PostgreSQL": "sudo service postgresql start (Debian: apt-get install postgresql; trust auth on 127.0.0.1)",
+    "Redis": "sudo service redis-server start (Debian: apt-get install redis-server)",
+}
+
+
+def require_service(name: str, address: tuple[str, int]) -> None:
+    """Skip (on a developer's machine) or fail (in CI, where ``.ci/run`` starts them) without the service."""
+    try:
+        socket.create_connection(address, timeout=3).close()
+    except OSError as err:
+        message = f"{name} is not reachable on {address[0]}:{address[1]} ({err}); start it: {SERVICE_HINTS[name]}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@contextlib.contextmanager
+def postgres_database(purpose: str) -> Iterator[str]:
+    """A fresh, uniquely named PostgreSQL database for one test, dropped afterwards; yields its SQLAlchemy URI."""
+    import psycopg
+
+    require_service("PostgreSQL", POSTGRES)
+    name = f"hymoe_{purpose}_{uuid.uuid4().hex[:8]}"
+    admin = f"postgresql://postgres@{POSTGRES[0]}:{POSTGRES[1]}/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@{POSTGRES[0]}:{POSTGRES[1]}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

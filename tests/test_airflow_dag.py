@@ -12,12 +12,12 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -32,7 +32,16 @@ from pipeline.ingest.replay import replay
 from pipeline.ingest.retrain import Interval
 from pipeline.ingest.store import count_events, read_store
 from pipeline.params import load_params
-from tests.conftest import REPO_ROOT, tiny_retrain, write_params
+from tests.conftest import (
+    REDIS,
+    REPO_ROOT,
+    MlflowServer,
+    free_port,
+    postgres_database,
+    require_service,
+    tiny_retrain,
+    write_params,
+)
 
 DAG_ID = "hymoerec_retrain"
 CHAIN = [
@@ -263,12 +272,6 @@ def test_run_conf_cannot_point_a_run_at_other_paths(
 
 
 # ----------------------------------------------------------------------------------------------- the real thing
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def api(port: int, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}",
@@ -295,8 +298,35 @@ def wait_for(what: str, check: Any, timeout_s: float, launcher: subprocess.Popen
     raise AssertionError(f"{what} did not happen within {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
 
 
+@pytest.fixture(params=["sqlite-local", "postgres-celery"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Where the launched Airflow and the DAG's MLflow keep their state: the embedded default (SQLite, the
+    LocalExecutor, an MLflow SQLite store), or the scaled-out setting (PostgreSQL metadata DB, the CeleryExecutor
+    with a Redis broker and a real ``airflow celery worker``, an ``mlflow server`` on PostgreSQL)."""
+    if request.param == "sqlite-local":
+        yield {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+        return
+    require_service("Redis", REDIS)
+    with postgres_database("airflow") as airflow_db, postgres_database("mlflow") as mlflow_db:
+        (tmp_path / "mlflow-server").mkdir()
+        server = MlflowServer(tmp_path / "mlflow-server", backend_uri=mlflow_db)
+        server.start()
+        try:
+            yield {
+                "MLFLOW_TRACKING_URI": server.uri,
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_db,
+                "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+                "AIRFLOW__CELERY__BROKER_URL": f"redis://{REDIS[0]}:{REDIS[1]}/0",
+                "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{airflow_db}",
+                # a queue of this test's own: a worker of another run on the same Redis never takes its tasks
+                "AIRFLOW__OPERATORS__DEFAULT_QUEUE": f"hymoe-{uuid.uuid4().hex[:8]}",
+            }
+        finally:
+            server.stop()
+
+
 @pytest.mark.slow
-def test_scheduler_runs_a_dag_run_triggered_over_the_rest_api(tmp_path: Path) -> None:
+def test_scheduler_runs_a_dag_run_triggered_over_the_rest_api(tmp_path: Path, backend: dict[str, str]) -> None:
     """``python -m pipeline.airflow_local`` (what ``make airflow`` runs): trigger over REST v2, wait for success."""
     import psutil
     from mlflow import MlflowClient
@@ -306,9 +336,9 @@ def test_scheduler_runs_a_dag_run_triggered_over_the_rest_api(tmp_path: Path) ->
     )
     replay(load_params(params_file), CUT, "week")
     port, home = free_port(), tmp_path / "airflow_home"
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = backend["MLFLOW_TRACKING_URI"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    env.update(HYMOE_PARAMS=str(params_file), MLFLOW_TRACKING_URI=tracking_uri)
+    env.update(HYMOE_PARAMS=str(params_file), **backend)
     log = tmp_path / "launcher.out"
     with open(log, "wb") as out:
         launcher = subprocess.Popen(
@@ -352,6 +382,10 @@ def test_scheduler_runs_a_dag_run_triggered_over_the_rest_api(tmp_path: Path) ->
         assert {t["task_id"]: t["state"] for t in tasks} == {task: "success" for task in CHAIN}
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         assert str(client.get_model_version_by_alias("hymoerec-custom", "champion").version) == "1"
+        if "AIRFLOW__CELERY__BROKER_URL" in backend:  # the tasks really went through the queue to the worker
+            assert {t["queue"] for t in tasks} == {backend["AIRFLOW__OPERATORS__DEFAULT_QUEUE"]}
+            worker_log = (home / "logs" / "celery-worker.out").read_text()
+            assert worker_log.count("succeeded in") == len(CHAIN), worker_log[-3000:]
     finally:
         if launcher.poll() is None:
             launcher.send_signal(signal.SIGTERM)

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -38,95 +34,23 @@ from pipeline.tracking.recommender import Recommender
 from pipeline.tracking.registry import STATE_TAG, champion_uri, download_champion
 from pipeline.tracking.runs import read_pointer, train_pointer
 from pipeline.tracking.store import TRACKING_URI_ENV, Tracking, TrackingError, model_name
-from tests.conftest import REPO_ROOT, closed_port, prepared, tiny_overrides
+from tests.conftest import (
+    BIN,
+    REPO_ROOT,
+    MlflowServer,
+    closed_port,
+    free_port,
+    prepared,
+    stop_group,
+    tiny_overrides,
+    wait_http,
+    with_venv_path,
+)
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
-
 
 # ----------------------------------------------------------------------------------------------- a real server
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer within {timeout_s}s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    """Stop a process started here in its own session, with its children (uvicorn workers)."""
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 with a SQLite store and proxied artifacts in ``root``; restartable."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        log = self.root / "server.log"
-        cmd = [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(self.root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-        ]
-        with open(log, "a") as out:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=self.root,
-                env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        _wait_http(f"{self.uri}/health", self.proc, log)
-
-    def stop(self) -> None:
-        _stop(self.proc)
-        self.proc = None
-
-    def client(self) -> MlflowClient:
-        return MlflowClient(self.uri, registry_uri=self.uri)  # explicit: the global registry URI may be elsewhere
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
@@ -426,10 +350,10 @@ def test_served_champion_answers_http(served: Params, server: MlflowServer, tmp_
     cmd += ["-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
     with open(log, "w") as out:  # from another working directory: the model carries its code
         proc = subprocess.Popen(
-            cmd, cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=tmp_path, env=with_venv_path(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        _wait_http(f"http://127.0.0.1:{port}/ping", proc, log)
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, log)
         histories = sample_histories(served, 3)
         body = json.dumps({"dataframe_records": [{"history": h, "k": 4} for h in histories]}).encode()
         request = urllib.request.Request(
@@ -450,7 +374,7 @@ def test_served_champion_answers_http(served: Params, server: MlflowServer, tmp_
         }
         answers = {reason: _post_records(port, records) for reason, records in bad_requests.items()}
     finally:
-        _stop(proc)
+        stop_group(proc)
     for reason, (status, answer) in answers.items():
         assert status == 400, (reason, status, answer)
         assert reason in answer["message"] and "\n" not in answer["message"], answer
