@@ -36,10 +36,12 @@ from pipeline.tracking.runs import read_pointer, train_pointer
 from pipeline.tracking.store import TRACKING_URI_ENV, Tracking, TrackingError, model_name
 from tests.conftest import (
     BIN,
+    POSTGRES,
     REPO_ROOT,
     MlflowServer,
     closed_port,
     free_port,
+    postgres_database,
     prepared,
     stop_group,
     tiny_overrides,
@@ -517,3 +519,57 @@ def test_server_down_during_register_moves_no_alias_and_leaves_nothing_half_regi
     assert result.decision == "promoted"
     assert versions(client, name) == ["1", result.version]
     assert aliases(client, name) == {"challenger": result.version, "champion": result.version}
+
+
+def test_database_down_during_register_moves_no_alias_and_the_next_register_recovers(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tracking server's PostgreSQL stops accepting connections mid-registration: a clear failure naming the
+    server, the champion unchanged, and once the database is back the next registration completes."""
+    import psycopg
+
+    with postgres_database("mlflow") as backend_uri:
+        database = backend_uri.rsplit("/", 1)[1]
+
+        def accept_connections(allowed: bool) -> None:
+            with psycopg.connect(f"postgresql://postgres@{POSTGRES[0]}:{POSTGRES[1]}/postgres", autocommit=True) as db:
+                db.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+                if not allowed:  # and drop the server's pooled connections: the database is gone for it
+                    db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [database])
+
+        (tmp_path / "server").mkdir()
+        pg_server = MlflowServer(tmp_path / "server", backend_uri=backend_uri)
+        pg_server.start()
+        try:
+            monkeypatch.setenv(TRACKING_URI_ENV, pg_server.uri)
+            bad = params_for(data_root, tmp_path / "bad", **{"train.epochs": 1, "train.lr": 0.0003})
+            good = params_for(data_root, tmp_path / "good", **{"train.epochs": 6, "train.patience": 6})
+            for params in (bad, good):
+                train(params)
+                evaluate(params)
+            assert register(bad).decision == "promoted"
+            client, name = pg_server.client(), model_name(good)
+            before = aliases(client, name)
+            assert before == {"challenger": "1", "champion": "1"}
+
+            original = registry.wait_until_ready
+
+            def database_goes_down(*args: Any, **kwargs: Any) -> None:
+                accept_connections(False)
+                original(*args, **kwargs)
+
+            monkeypatch.setattr(registry, "wait_until_ready", database_goes_down)
+            with pytest.raises(TrackingError, match=pg_server.uri.replace(".", r"\.")):
+                register(good)
+            monkeypatch.setattr(registry, "wait_until_ready", original)
+            with pytest.raises(TrackingError, match=pg_server.uri.replace(".", r"\.")):
+                register(good)  # while it is down: fails before touching anything
+
+            accept_connections(True)
+            assert aliases(client, name) == before  # nobody was served a half-registered model
+            result = register(good)
+            assert result.decision == "promoted"
+            assert aliases(client, name) == {"challenger": result.version, "champion": result.version}
+            assert [v for v in versions(client, name) if v not in ("1", result.version)] == []  # orphan removed
+        finally:
+            pg_server.stop()
