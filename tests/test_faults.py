@@ -1,5 +1,6 @@
 """Faults for real: ``kill -9`` in the middle of preprocessing or of a store merge leaves every file either as it was
-or as the finished run writes it (never half a file), and running the same step again completes it."""
+or as the finished run writes it (never half a file), and running the same step again completes it; two ingests of
+overlapping intervals at once store exactly what they store one after the other."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data.layout import PreprocessOutputs
+from pipeline.ingest.replay import replay
 from pipeline.ingest.store import merge, partition_files, read_store
 from pipeline.io import file_digest
-from tests.conftest import REPO_ROOT
+from pipeline.params import load_params
+from tests.conftest import REPO_ROOT, tiny_retrain, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -126,3 +130,34 @@ def test_killed_merge_loses_no_stored_event_and_a_rerun_completes(tmp_path: Path
     assert done.returncode == 0, done.stderr
     final = read_store(store).to_pandas()
     assert final.sort_values(key).reset_index(drop=True).equals(expected.sort_values(key).reset_index(drop=True))
+
+
+def test_overlapping_ingests_at_once_store_what_they_store_one_after_the_other(tmp_path: Path) -> None:
+    """The scheduler runs one retraining at a time (``max_active_runs=1``); a second deployment or a manual run on
+    the same store may not. Two ingests (the DAG's collect, validate and merge) whose intervals share five days'
+    log files run at once: the store must end as it does when they run one after the other."""
+    intervals = [("2021-02-15", "2021-02-25"), ("2021-02-20", "2021-03-02")]
+
+    def world(root: Path) -> tuple[Path, list[list[str]]]:
+        params_file = write_params(root / "params.yaml", tiny_retrain(root, **{"data.synthetic.n_users": 3000}))
+        replay(load_params(params_file), date(2021, 2, 15), "day")
+        base = [sys.executable, "-m", "pipeline", "--params", str(params_file), "ingest"]
+        return root / "store", [[*base, "--start", start, "--end", end] for start, end in intervals]
+
+    one_by_one, commands = world(tmp_path / "one-by-one")
+    for cmd in commands:
+        done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    at_once, commands = world(tmp_path / "at-once")
+    before = len(read_store(at_once))
+    processes = [subprocess.Popen(cmd, cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True) for cmd in commands]
+    errors = [process.communicate(timeout=300)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], [e[-3000:] for e in errors]
+
+    key = ["user_id", "item_id", "timestamp"]
+    expected = read_store(one_by_one).to_pandas().sort_values(key).reset_index(drop=True)
+    stored = read_store(at_once).to_pandas().sort_values(key).reset_index(drop=True)
+    assert stored.equals(expected)
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "at-once" / "work").glob("*/ingest/merge.json"))]
+    assert len(reports) == 2 and sum(r["added"] for r in reports) == len(stored) - before  # the overlap stored once
+    assert sum(r["duplicates"] for r in reports) > 0
