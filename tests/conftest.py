@@ -9,13 +9,9 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +23,7 @@ import yaml
 
 from pipeline.data.download import download
 from pipeline.data.preprocess import preprocess
+from pipeline.local_servers import free_port, stop_group, wait_http
 from pipeline.params import MIRROR_ENV, Params, load_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -87,13 +84,6 @@ def write_text(path: Path, text: str, *, encoding: str = "utf-8", gz: bool = Fal
     data = text.encode(encoding)
     path.write_bytes(gzip.compress(data) if gz else data)
     return path
-
-
-def free_port() -> int:
-    """A local TCP port with nothing listening (bound, then released): for a server to take, or to find closed."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 closed_port = free_port
@@ -172,37 +162,9 @@ def prepared(root: Path, **extra: Any) -> Params:
 
 
 # --------------------------------------------------------------------------------------------- real services
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
-    """Wait until ``url`` answers 200, failing early (with the log's tail) if ``proc`` exits."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer within {timeout_s}s:\n{log.read_text()[-3000:]}")
-
-
 def with_venv_path(**extra: str) -> dict[str, str]:
     """This environment with the venv's ``bin`` first on PATH (servers spawn ``mlflow`` / ``airflow`` by name)."""
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
-
-
-def stop_group(proc: subprocess.Popen | None) -> None:
-    """Stop a process started in its own session, with its children (uvicorn workers)."""
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 class MlflowServer:
