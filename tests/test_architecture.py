@@ -19,6 +19,7 @@ LAYERS = {
     "cpu_memory": 0,
     "device": 0,
     "params": 0,
+    "local_servers": 0,
     "model": 1,
     "data": 1,
     "evaluation": 2,
