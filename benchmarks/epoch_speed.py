@@ -31,6 +31,9 @@ VARIANTS = {
     "narm": {"model.kind": "narm"},
     "bert4rec": {"model.kind": "bert4rec"},
     "mamba4rec": {"model.kind": "mamba4rec"},
+    # bf16 autocast on the CPU (train.cpu_amp): the full-softmax matmuls dominate an epoch
+    "hymoerec-bf16": {"model.kind": "hymoerec", "model.moe.enabled": True, "train.cpu_amp": True},
+    "sasrec-bf16": {"model.kind": "hymoerec", "model.moe.enabled": False, "train.cpu_amp": True},
 }
 CHILD = """
 import json, sys, tempfile, time

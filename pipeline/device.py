@@ -28,9 +28,10 @@ def pick_device(choice: str) -> torch.device:
     return device
 
 
-def autocast_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA when ``train.amp`` is on; None (full float32) on CPU."""
-    return torch.bfloat16 if (amp and device.type == "cuda") else None
+def autocast_dtype(amp: bool, device: torch.device, cpu_amp: bool = False) -> torch.dtype | None:
+    """bf16 autocast on CUDA when ``train.amp`` is on, on the CPU only with ``train.cpu_amp`` too (it pays off on
+    CPUs with bf16 matmul units, AVX512-BF16 or AMX); None means full float32."""
+    return torch.bfloat16 if amp and (device.type == "cuda" or cpu_amp) else None
 
 
 def setup_distributed(device_choice: str) -> tuple[int, int]:

@@ -168,6 +168,7 @@ class TrainParams:
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
+    cpu_amp: bool = False
     eval_batch_size: int = 512
     resume: bool = True
     warm_start_from: str | None = None

@@ -143,6 +143,7 @@ STAGES: dict[str, Stage] = {
                 "train.model_dir",
                 "train.device",
                 "train.amp",
+                "train.cpu_amp",
                 "train.eval_batch_size",
             ),
             # the pyfunc is code the stage logs (and, to re-score a champion, runs): it is part of what it depends on

@@ -77,7 +77,7 @@ def evaluate(params: Params) -> EvaluateResult:
     cfg = params.evaluate
     outputs = EvaluateOutputs.under(cfg.report_dir)
     device = pick_device(params.train.device)
-    amp_dtype = autocast_dtype(params.train.amp, device)
+    amp_dtype = autocast_dtype(params.train.amp, device, params.train.cpu_amp)
     splits = PreprocessOutputs.under(params.preprocess.processed_dir)
     model = load_trained_model(params.train.model_dir, device)
     train_table = pq.read_table(splits.train)

@@ -215,6 +215,6 @@ def rescore(recommender: Any, params: Params) -> float:
         exclude_seen=params.evaluate.exclude_seen,
         batch_size=params.train.eval_batch_size,
         device=device,
-        amp_dtype=autocast_dtype(params.train.amp, device),  # as evaluate does
+        amp_dtype=autocast_dtype(params.train.amp, device, params.train.cpu_amp),  # as evaluate does
     )
     return float(np.sum(per_user["ndcg@10"])) / test.num_rows

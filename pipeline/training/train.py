@@ -156,7 +156,7 @@ class Trainer:
         self.fingerprint = fingerprint or run_fingerprint(params)
         self.rank, self.world = setup_distributed(cfg.device)  # (0, 1) unless started by torchrun
         self.device = pick_device(cfg.device)
-        self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        self.amp_dtype = autocast_dtype(cfg.amp, self.device, cfg.cpu_amp)
 
         processed = params.preprocess.processed_dir
         self.splits = PreprocessOutputs.under(processed)
