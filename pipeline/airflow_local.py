@@ -21,6 +21,7 @@ Each component's output goes to ``$AIRFLOW_HOME/logs/<component>.out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -62,7 +63,9 @@ def airflow_env(home: Path, port: int, dags: Path, base: dict[str, str] | None =
 
 
 def uses_celery(env: dict[str, str]) -> bool:
-    return env.get("AIRFLOW__CORE__EXECUTOR", "").rsplit(".", 1)[-1] == "CeleryExecutor"
+    """Whether one of the configured executors (``a,b`` or ``alias:module.Class``) is the CeleryExecutor."""
+    executors = env.get("AIRFLOW__CORE__EXECUTOR", "").split(",")
+    return any(name.strip().rsplit(".", 1)[-1].rsplit(":", 1)[-1] == "CeleryExecutor" for name in executors)
 
 
 def components(port: int, triggerer: bool = True, celery_worker: bool = False) -> dict[str, list[str]]:
@@ -81,6 +84,11 @@ def components(port: int, triggerer: bool = True, celery_worker: bool = False) -
 def password_file(env: dict[str, str]) -> Path:
     configured = env.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE")
     return Path(configured) if configured else Path(env["AIRFLOW_HOME"]) / PASSWORDS_FILE
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group is gone already
+        os.killpg(process.pid, signum)
 
 
 def healthy(port: int, timeout_s: float = 5.0) -> bool:
@@ -112,8 +120,8 @@ class Airflow:
         for name, command in components(self.port, self.triggerer, uses_celery(self.env)).items():
             out = open(self.logs / f"{name}.out", "ab")  # noqa: SIM115 - closed in stop()
             self._outputs.append(out)
-            self.processes[name] = subprocess.Popen(
-                [str(AIRFLOW), *command], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            self.processes[name] = subprocess.Popen(  # its own process group: stop() ends its children too
+                [str(AIRFLOW), *command], env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
 
     def dead(self) -> list[str]:
@@ -131,16 +139,17 @@ class Airflow:
             time.sleep(1.0)
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM to every component's process group (a Celery worker lets its running tasks finish), SIGKILL to
+        the groups still there after ``timeout_s`` — task processes included, so nothing outlives the launcher."""
         for process in self.processes.values():
             if process.poll() is None:
-                process.terminate()
+                _signal_group(process, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for process in self.processes.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+            _signal_group(process, signal.SIGKILL)  # whatever of its group is left (normally nothing)
+            process.wait(timeout=10)
         for out in self._outputs:
             out.close()
 

@@ -298,6 +298,17 @@ def wait_for(what: str, check: Any, timeout_s: float, launcher: subprocess.Popen
     raise AssertionError(f"{what} did not happen within {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
 
 
+def test_the_launcher_adds_a_celery_worker_for_the_celery_executor_only() -> None:
+    from pipeline.airflow_local import components, uses_celery
+
+    for executor in ("CeleryExecutor", "LocalExecutor,CeleryExecutor", "celery:some.module.CeleryExecutor"):
+        assert uses_celery({"AIRFLOW__CORE__EXECUTOR": executor}), executor
+    assert not uses_celery({"AIRFLOW__CORE__EXECUTOR": "LocalExecutor"}) and not uses_celery({})
+    worker = components(8080, celery_worker=True)["celery-worker"]
+    assert worker[:2] == ["celery", "worker"] and "--skip-serve-logs" in worker  # no log server on 0.0.0.0
+    assert "celery-worker" not in components(8080)
+
+
 @pytest.fixture(params=["sqlite-local", "postgres-celery"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
     """Where the launched Airflow and the DAG's MLflow keep their state: the embedded default (SQLite, the
