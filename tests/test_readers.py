@@ -215,6 +215,18 @@ def test_gsasrec_validation_line_matching_no_user_is_refused(tmp_path: Path) -> 
         read_gsasrec_prefixes(*gsasrec_files(tmp_path, val_input="7 9 9\n"))
     with pytest.raises(BadInputError, match="do not line up"):
         read_gsasrec_prefixes(*gsasrec_files(tmp_path, val_input="7 8 9\n1 2 3 4\n"))
+    files = gsasrec_files(tmp_path, val_input="7 8 9\n7 8 6\n")
+    files[2].write_text("4\n4\n")
+    with pytest.raises(BadInputError, match="val_input.txt line 2: a second validation line of user 2"):
+        read_gsasrec_prefixes(*files)
+    files = gsasrec_files(tmp_path)
+    files[3].write_text("6\n\n5\n1\n")  # a blank line in the test outputs is skipped, not taken as user 2's
+    sequences = read_gsasrec_prefixes(*files).events.groupby("user_id")["item_id"].apply(list).to_dict()
+    assert sequences == {1: [1, 2, 3], 2: [7, 8, 9, 4, 5], 3: [3, 2]}
+    files[0].write_text("1 2 3\n\n7 8\n3 2\n")  # a blank train line would renumber every later user
+    files[3].write_text("6\n0\n5\n1\n")
+    with pytest.raises(BadInputError, match="train_input.txt line 2 is empty"):
+        read_gsasrec_prefixes(*files)
 
 
 def test_gsasrec_prefixes_of_the_real_ml1m_split(real_mirror: Path) -> None:

@@ -244,12 +244,14 @@ def read_gsasrec_prefixes(
     """
     train, undecodable = read_text_lines(train_input)
     val_in, val_out, test_out = (read_text_lines(p)[0].str.strip() for p in (val_input, val_output, test_output))
-    val_in, val_out = val_in[val_in != ""], val_out[val_out != ""]
-    if len(val_in) != len(val_out) or len(test_out[test_out != ""]) != len(train):
+    val_in, val_out, test_out = (s[s != ""].reset_index(drop=True) for s in (val_in, val_out, test_out))
+    if len(val_in) != len(val_out) or len(test_out) != len(train):
         raise BadInputError(
             f"gSASRec split files do not line up: {len(train)} train lines, {len(val_in)} val inputs, "
-            f"{len(val_out)} val outputs, {len(test_out[test_out != ''])} test outputs (want train = test, val = val)"
+            f"{len(val_out)} val outputs, {len(test_out)} test outputs (want train = test, val = val)"
         )
+    if (blank := np.flatnonzero((train.str.strip() == "").to_numpy())).size:  # line k is user k: no gap allowed
+        raise BadInputError(f"{train_input} line {blank[0] + 1} is empty: every line is one user's items")
     normalised = train.str.split().str.join(" ")
     user_of_line = pd.Series(np.arange(1, len(train) + 1), index=normalised.to_numpy())
     if user_of_line.index.has_duplicates:
@@ -259,6 +261,10 @@ def read_gsasrec_prefixes(
     if val_users.isna().any():
         first = int(np.flatnonzero(val_users.isna().to_numpy())[0])
         raise BadInputError(f"{val_input} line {first + 1}: its first items are no user's line in {train_input}")
+    if val_users.duplicated().any():
+        first = int(np.flatnonzero(val_users.duplicated().to_numpy())[0])
+        user = int(val_users.iloc[first])
+        raise BadInputError(f"{val_input} line {first + 1}: a second validation line of user {user}")
     lines = pd.Series(user_of_line.to_numpy().astype(str), index=train.index) + " " + train.str.strip()
     rows = val_users.to_numpy().astype(np.int64) - 1
     tail = val_tokens.str[-1].to_numpy() + " " + val_out.to_numpy() + " " + test_out.to_numpy()[rows]
