@@ -232,8 +232,10 @@ def test_compose_runs_airflow_and_mlflow_on_the_project_image() -> None:
     assert started["airflow-dag-processor"] == "airflow dag-processor"
     assert started["airflow-worker"] == "airflow celery worker"
     assert started["mlflow"].startswith("mlflow server --host=0.0.0.0 --port=5000 --workers=1 ")
-    assert "--backend-store-uri=postgresql+psycopg://mlflow:" in started["mlflow"]
-    assert services["mlflow"]["environment"] == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    assert "postgresql" not in started["mlflow"]  # its store URI holds a password: environment, not command line
+    environment = services["mlflow"]["environment"]
+    assert environment["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg://mlflow:")
+    assert environment["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
 
 
 def test_compose_airflow_components_share_settings_and_start_in_order() -> None:

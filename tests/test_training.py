@@ -23,7 +23,7 @@ from pipeline.device import autocast_dtype
 from pipeline.evaluation.evaluate import evaluate, length_buckets, popularity_buckets
 from pipeline.model.train_log import read_log
 from pipeline.params import load_params
-from pipeline.training.train import TrainOutputs, train
+from pipeline.training.train import Trainer, TrainOutputs, train
 from tests.conftest import REPO_ROOT, prepared, tiny_overrides
 
 
@@ -159,6 +159,7 @@ def test_cpu_amp_trains_in_bf16_and_learns_what_float32_learns(tmp_path: Path, d
     for cpu_amp in (False, True):
         overrides = tiny_overrides(data_root, **{"train.model_dir": str(tmp_path / str(cpu_amp))})
         params = load_params(REPO_ROOT / "params.yaml", {**overrides, "train.cpu_amp": cpu_amp})
+        assert Trainer(params).amp_dtype == (torch.bfloat16 if cpu_amp else None)  # what the steps run under
         valid[cpu_amp] = train(params).best_valid_ndcg10
     popularity = 0.217  # validation NDCG@10 of ranking by training popularity on this data: both learn more
     assert valid[False] > popularity + 0.02 and valid[True] > popularity + 0.02, valid

@@ -79,6 +79,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# train settings added after checkpoints existed: left out of the fingerprint at their default (the behaviour the
+# older checkpoints were trained with), so adding one does not restart every run in progress
+NEW_AT_DEFAULT = {"cpu_amp": False}
+
+
 def run_fingerprint(params: Params) -> str:
     """Hash of everything a checkpoint depends on: a checkpoint from other params or data is never resumed."""
     splits = PreprocessOutputs.under(params.preprocess.processed_dir)
@@ -87,7 +92,7 @@ def run_fingerprint(params: Params) -> str:
         "train": {
             k: v
             for k, v in dataclasses.asdict(params.train).items()
-            if k not in ("resume", "device", "eval_batch_size", "model_dir")
+            if k not in ("resume", "device", "eval_batch_size", "model_dir") and NEW_AT_DEFAULT.get(k, ...) != v
         },
         "data": [file_digest(path) if path.exists() else "" for path in (splits.train, splits.valid)],
         "exclude_seen": params.evaluate.exclude_seen,  # changes the validation metric, hence model selection
