@@ -8,10 +8,11 @@ matplotlib import)::
 
 The pipeline's own stages do the work: ``download`` (from the mirror folder, which must hold
 ``ml-1m/gsasrec_splits/*.txt`` or another ML-1M layout: ``pipeline/data/registry.py``), ``preprocess``, then per
-model ``train`` and ``evaluate``, with MLflow off and every folder under ``--out``. ``--budget-s`` (counted from the start, data stages
-included) is shared by the models still to run; each model first trains a 2-epoch probe in its own folder, and the
-real run's ``train.epochs`` is capped at what the rest of its share allows at the probe's warm (second) epoch time,
-so a model that stops early leaves its time to the next. The budget is a target, not a hard limit.
+model ``train`` and ``evaluate``, with MLflow off and every folder under ``--out``. ``--budget-s`` (counted from the
+start, data stages included) is shared by the models still to run; each model first trains a 2-epoch probe in its
+own folder, and the real run's ``train.epochs`` is capped at what the rest of its share allows at the probe's warm
+(second) epoch time, so a model that stops early leaves its time to the next. The budget is a target, not a hard
+limit.
 
 Writes ``<out>/gpu_check.json`` (rewritten after every model), ``<out>/gpu_check.md``, ``<out>/gpu_check.log`` and
 per model ``<out>/<model>/{probe,model,reports}``. Exit codes: 0 done; 1 the data stages or a model failed (the
