@@ -21,7 +21,6 @@ Each component's output goes to ``$AIRFLOW_HOME/logs/<component>.out``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import subprocess
@@ -31,6 +30,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
+
+from pipeline.local_servers import stop_groups
 
 REPO = Path(__file__).resolve().parents[1]
 AIRFLOW = Path(sys.executable).with_name("airflow")
@@ -86,11 +87,6 @@ def password_file(env: dict[str, str]) -> Path:
     return Path(configured) if configured else Path(env["AIRFLOW_HOME"]) / PASSWORDS_FILE
 
 
-def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # the group is gone already
-        os.killpg(process.pid, signum)
-
-
 def healthy(port: int, timeout_s: float = 5.0) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=timeout_s) as reply:
@@ -141,15 +137,7 @@ class Airflow:
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM to every component's process group (a Celery worker lets its running tasks finish), SIGKILL to
         the groups still there after ``timeout_s`` — task processes included, so nothing outlives the launcher."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                _signal_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for process in self.processes.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            _signal_group(process, signal.SIGKILL)  # whatever of its group is left (normally nothing)
-            process.wait(timeout=10)
+        stop_groups(self.processes.values(), timeout_s)
         for out in self._outputs:
             out.close()
 

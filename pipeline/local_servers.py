@@ -1,11 +1,12 @@
 """Starting and stopping local servers (``mlflow server``, ``mlflow models serve``): a free port on 127.0.0.1, a
 wait for the first answer that fails early with the server's log, and a stop that ends the whole process group.
 
-Used by the tests and the benchmarks that start real servers; nothing in the pipeline's stages depends on it.
+Used by the tests and benchmarks that start real servers and by the local Airflow launcher; no stage depends on it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -40,13 +42,27 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 18
 
 
 def stop_group(proc: subprocess.Popen | None, timeout_s: float = 20) -> None:
-    """Stop a server started in its own session (``start_new_session=True``) with its children (uvicorn workers):
-    SIGTERM, then SIGKILL after ``timeout_s``."""
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    """Stop a server started in its own session (``start_new_session=True``) with its children (uvicorn workers)."""
+    if proc is not None:
+        stop_groups([proc], timeout_s)
+
+
+def stop_groups(processes: Iterable[subprocess.Popen], timeout_s: float = 20) -> None:
+    """Stop processes started in their own sessions, children included: SIGTERM to every group at once (each shuts
+    down in parallel, within one shared ``timeout_s``), then SIGKILL to whatever is left of each group — also of a
+    group whose leader has exited, so no child outlives its server."""
+    processes = list(processes)
+    for proc in processes:
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        _signal_group(proc, signal.SIGKILL)  # normally nothing is left
+        proc.wait(timeout=10)
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group is gone already
+        os.killpg(proc.pid, signum)

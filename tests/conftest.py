@@ -86,9 +86,6 @@ def write_text(path: Path, text: str, *, encoding: str = "utf-8", gz: bool = Fal
     return path
 
 
-closed_port = free_port
-
-
 def write_params(path: Path, overrides: dict[str, Any]) -> Path:
     """The repository's params.yaml with dotted ``overrides`` applied, written to ``path``."""
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())

@@ -36,7 +36,7 @@ from pipeline.params import (
     SyntheticParams,
     load_params,
 )
-from tests.conftest import REPO_ROOT, closed_port, write_text
+from tests.conftest import REPO_ROOT, free_port, write_text
 
 FAST = DownloadParams(retries=0, backoff_s=0.01, timeout_s=5.0)
 
@@ -230,7 +230,7 @@ def test_synthetic_needs_no_network(tmp_path: Path, no_mirror_env: None) -> None
 
 
 def test_unreachable_source_without_mirror_fails_fast_and_helpfully(tmp_path: Path, no_mirror_env: None) -> None:
-    url = f"http://127.0.0.1:{closed_port()}/ml-100k.zip"
+    url = f"http://127.0.0.1:{free_port()}/ml-100k.zip"
     spec = dataclasses.replace(REGISTRY["ml-100k"], url=url)
     (tmp_path / "cache").mkdir()
     data = DataParams(dataset="ml-100k", cache_dir=str(tmp_path / "cache"))  # default retries and back-off

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.fetch import ChecksumMismatch, DownloadError, FetchResult, fetch, parse_checksum
+from pipeline.local_servers import free_port
 
 CHUNK = 16 * 1024  # small chunks so the ~200 KB archive spans a dozen reads
 FAST = {"backoff_s": 0.001, "timeout_s": 5.0, "progress": False, "chunk_size": CHUNK}
@@ -154,12 +155,6 @@ def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # --- parse_checksum ----------------------------------------------------------------------
 
 
@@ -276,7 +271,7 @@ def test_existing_copy_with_wrong_checksum_is_replaced(served: Served, tmp_path:
 
 
 def test_connection_refused_names_url(tmp_path: Path, caplog) -> None:
-    url = f"http://127.0.0.1:{_free_port()}/ml-tiny.zip"
+    url = f"http://127.0.0.1:{free_port()}/ml-tiny.zip"
     with caplog.at_level(logging.WARNING, logger="pipeline.data.fetch"), pytest.raises(DownloadError) as info:
         fetch(url, tmp_path / "a.zip", **{**FAST, "retries": 2})
     assert url in str(info.value) and "ConnectionError" in str(info.value)

@@ -39,7 +39,6 @@ from tests.conftest import (
     POSTGRES,
     REPO_ROOT,
     MlflowServer,
-    closed_port,
     free_port,
     postgres_database,
     prepared,
@@ -457,7 +456,7 @@ def test_embedded_store_needs_no_server(data_root: Path, tmp_path: Path, monkeyp
 def test_unreachable_tracking_fails_clearly_unless_disabled(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv(TRACKING_URI_ENV, uri)
     params = params_for(data_root, tmp_path / "on", **{"train.epochs": 1})
     started = time.monotonic()
