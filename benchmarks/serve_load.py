@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.local_servers import free_port, stop_group, wait_http
+from pipeline.local_servers import free_port, start_group, stop_group, wait_http
 from pipeline.tracking.runs import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def served(uri: str, tracking_uri: str, workers: int, threads: int | None, work:
     log_path = work / "serve.log"
     log.info("serving %s on %s:%d (%d worker(s)); log %s", uri, HOST, port, workers, log_path)
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = start_group(cmd, out, env=env, cwd=work)
     try:
         started = time.perf_counter()
         wait_http(f"http://{HOST}:{port}/ping", proc, log_path, timeout_s=300)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from pipeline.local_servers import stop_groups
+from pipeline.local_servers import start_group, stop_groups
 
 REPO = Path(__file__).resolve().parents[1]
 AIRFLOW = Path(sys.executable).with_name("airflow")
@@ -116,9 +116,7 @@ class Airflow:
         for name, command in components(self.port, self.triggerer, uses_celery(self.env)).items():
             out = open(self.logs / f"{name}.out", "ab")  # noqa: SIM115 - closed in stop()
             self._outputs.append(out)
-            self.processes[name] = subprocess.Popen(  # its own process group: stop() ends its children too
-                [str(AIRFLOW), *command], env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            self.processes[name] = start_group([str(AIRFLOW), *command], out, env=self.env)
 
     def dead(self) -> list[str]:
         return [name for name, process in self.processes.items() if process.poll() is not None]

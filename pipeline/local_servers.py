@@ -1,5 +1,7 @@
 """Starting and stopping local servers (``mlflow server``, ``mlflow models serve``): a free port on 127.0.0.1, a
 wait for the first answer that fails early with the server's log, and a stop that ends the whole process group.
+A server started here also ends when the process that started it dies, even by SIGKILL (Linux), so a killed test
+run or launcher leaves no server holding its port.
 
 Used by the tests and benchmarks that start real servers and by the local Airflow launcher; no stage depends on it.
 """
@@ -7,15 +9,20 @@ Used by the tests and benchmarks that start real servers and by the local Airflo
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import IO, Any
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def free_port() -> int:
@@ -23,6 +30,36 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_group(
+    command: Sequence[str], out: IO[Any], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen:
+    """Start ``command`` as the leader of its own session (so :func:`stop_groups` ends its children too), output to
+    ``out``, and — on Linux — with SIGTERM as its parent-death signal: it stops with the process that started it.
+    The kernel ties that signal to the starting *thread*: start servers from a thread that outlives them."""
+    return subprocess.Popen(
+        list(command),
+        cwd=cwd,
+        env=None if env is None else dict(env),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
+    )
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn`` (runs in the child between fork and exec): ask the kernel for SIGTERM when the parent
+    dies; if it died before the request took effect, the child is already an orphan and exits at once."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up in the parent: the child only calls it
+
+    def request() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return request
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:

@@ -23,7 +23,7 @@ import yaml
 
 from pipeline.data.download import download
 from pipeline.data.preprocess import preprocess
-from pipeline.local_servers import free_port, stop_group, wait_http
+from pipeline.local_servers import free_port, start_group, stop_group, wait_http
 from pipeline.params import MIRROR_ENV, Params, load_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -181,14 +181,8 @@ class MlflowServer:
         cmd += ["--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--workers", "1"]
         with open(log, "a") as out:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=self.root,
-                env=with_venv_path(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            env = with_venv_path(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+            self.proc = start_group(cmd, out, env=env, cwd=self.root)
         wait_http(f"{self.uri}/health", self.proc, log)
 
     def stop(self) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +41,7 @@ from tests.conftest import (
     free_port,
     postgres_database,
     prepared,
+    start_group,
     stop_group,
     tiny_overrides,
     wait_http,
@@ -350,9 +350,7 @@ def test_served_champion_answers_http(served: Params, server: MlflowServer, tmp_
     cmd = [str(BIN / "mlflow"), "models", "serve", "-m", champion_uri(served), "--env-manager", "local"]
     cmd += ["-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
     with open(log, "w") as out:  # from another working directory: the model carries its code
-        proc = subprocess.Popen(
-            cmd, cwd=tmp_path, env=with_venv_path(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        proc = start_group(cmd, out, env=with_venv_path(), cwd=tmp_path)
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, log)
         histories = sample_histories(served, 3)
