@@ -167,7 +167,7 @@ def test_train_and_evaluate_log_one_run_with_params_metrics_tags_artifacts(
 
     history = client.get_metric_history(run_id, "valid_ndcg_at_10")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # step = epoch
-    assert {"train_loss", "lb_loss", "usage_entropy", "epoch_seconds"} <= set(run.data.metrics)
+    assert {"train_loss", "lb_loss", "usage_entropy", "epoch_seconds", "epoch_cpu_seconds"} <= set(run.data.metrics)
     metrics = json.loads((Path(good.evaluate.report_dir) / "metrics.json").read_text())
     assert run.data.metrics["test.ndcg_at_10"] == pytest.approx(metrics["test"]["ndcg@10"])
     assert run.data.metrics["valid.ndcg_at_10"] == pytest.approx(metrics["valid"]["ndcg@10"])

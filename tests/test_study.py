@@ -126,6 +126,9 @@ def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyP
     record = json.loads((study / "results" / "synthetic" / "hymoerec-seed1.json").read_text())
     assert record["epochs_run"] == 2 and len(record["epoch_seconds"]) == 2 and record["torch_threads"] == 1
     assert record["data_source"] == "synthetic"
+    # one torch thread: the CPU an epoch cost is positive and (save a little interpreter overhead) within its wall
+    epochs = zip(record["epoch_cpu_seconds"], record["epoch_seconds"], strict=True)
+    assert all(0 < cpu <= wall * 1.5 for cpu, wall in epochs)
     assert decode_per_user(record["per_user_test"]).mean() == pytest.approx(record["metrics"]["test"]["ndcg@10"])
     sasrec = json.loads((study / "results" / "synthetic" / "sasrec-seed1.json").read_text())
     assert sasrec["settings"]["model.moe.enabled"] is False and record["config_digest"] != sasrec["config_digest"]

@@ -23,7 +23,10 @@ LOG_COLUMNS = [
     "usage_entropy",
     "alpha",
     "history_bias",  # the learned offset b of model.history_bias (nan when off)
-    "epoch_seconds",
+    "epoch_seconds",  # wall time of the steps and the validation (a paused or crowded process takes longer)
+    # CPU time of the process (all threads) over the same span: on the CPU the work the epoch cost, comparable
+    # across runs that shared the machine or were paused; on CUDA only the host's part
+    "epoch_cpu_seconds",
 ]
 
 

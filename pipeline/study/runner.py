@@ -125,6 +125,8 @@ def make_record(run: Run, params: Params, wall_seconds: float) -> dict[str, Any]
         "epochs_run": len(epochs),
         "best_epoch": best_epoch,
         "epoch_seconds": [round(row["epoch_seconds"], 2) for row in epochs],
+        # absent from rows trained before the column existed (a run resumed across that change has a shorter list)
+        "epoch_cpu_seconds": [round(row["epoch_cpu_seconds"], 2) for row in epochs if "epoch_cpu_seconds" in row],
         "valid_ndcg@10_by_epoch": [round(row["valid_ndcg@10"], 5) for row in epochs],
         "seconds_to_best": round(sum(row["epoch_seconds"] for row in epochs[:best_epoch]), 1),
         "wall_seconds": round(wall_seconds, 1),  # this invocation only (a resumed run's earlier part is not in it)

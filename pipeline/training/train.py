@@ -242,6 +242,7 @@ class Trainer:
             row = self.train_epoch()
             row.update(self.validate())
             row["epoch_seconds"] = _now() - self._epoch_started
+            row["epoch_cpu_seconds"] = time.process_time() - self._epoch_cpu_started
             self.end_epoch({column: row[column] for column in LOG_COLUMNS})  # the log's column order
             if self.rank == 0:
                 self.save_checkpoint()
@@ -268,6 +269,7 @@ class Trainer:
         totals = {"loss": 0.0, "ce": 0.0, "lb": 0.0}
         last_stats: dict[str, float] = {}
         self._epoch_started = _now()  # epoch_seconds: the steps and the validation, as before the Trainer
+        self._epoch_cpu_started = time.process_time()
         # a bar only on a terminal (disable=None): captured into a log (Airflow, nohup) it would be noise
         bar = tqdm(
             batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if self.rank == 0 else True
