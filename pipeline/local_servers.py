@@ -9,7 +9,6 @@ Used by the tests and benchmarks that start real servers and by the local Airflo
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -18,11 +17,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def free_port() -> int:
@@ -38,6 +35,8 @@ def start_group(
     """Start ``command`` as the leader of its own session (so :func:`stop_groups` ends its children too), output to
     ``out``, and — on Linux — with SIGTERM as its parent-death signal: it stops with the process that started it.
     The kernel ties that signal to the starting *thread*: start servers from a thread that outlives them."""
+    if sys.platform == "linux":  # a tiny exec wrapper, not preexec_fn (unsafe in a process with threads)
+        command = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
     return subprocess.Popen(
         list(command),
         cwd=cwd,
@@ -45,21 +44,18 @@ def start_group(
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
     )
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A ``preexec_fn`` (runs in the child between fork and exec): ask the kernel for SIGTERM when the parent
-    dies; if it died before the request took effect, the child is already an orphan and exits at once."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up in the parent: the child only calls it
-
-    def request() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return request
+# Runs as the started process before it execs the server (same pid): ask the kernel for SIGTERM when the parent
+# dies (prctl PR_SET_PDEATHSIG, kept across exec); if the parent died before that took effect, exit at once.
+_DIE_WITH_PARENT = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
