@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.study.__main__ import main
 from pipeline.study.plan import load_spec, plan, run_params
-from pipeline.study.report import wilcoxon_p
+from pipeline.study.report import Variant, speed_table, wilcoxon_p
 from pipeline.study.runner import claimed, decode_per_user, encode_per_user
 from tests.conftest import REPO_ROOT, TINY_MODEL
 
@@ -107,6 +107,20 @@ def test_per_user_values_round_trip_and_the_test_is_paired() -> None:
     assert wilcoxon_p(better, values) < 1e-6
     noise = values + rng.normal(0, 0.01, 1000) * (values > 0)
     assert wilcoxon_p(noise, values) > 0.01
+
+
+def test_the_speed_table_reads_records_from_before_cpu_time_was_logged() -> None:
+    def record(seed: int, cpu: list[float] | None) -> dict:
+        times = {"epoch_seconds": [10.0, 12.0]} | ({} if cpu is None else {"epoch_cpu_seconds": cpu})
+        return {"seed": seed, "epochs_run": 2, "best_epoch": 1, "seconds_to_best": 10.0, "torch_threads": 1, **times}
+
+    old = Variant("a", "Old", "main", [record(1, None)], [], [])
+    mixed = Variant("b", "Mixed", "main", [record(1, None), record(2, [8.0, 9.0])], [], [])
+    new = Variant("c", "New", "main", [record(1, [8.0, 9.0])], [], [])
+    old_row, mixed_row, new_row = speed_table([old, mixed, new])[2:]
+    assert old_row.split(" | ")[3] == "–"
+    assert mixed_row.split(" | ")[3] == "8.5 (1 of the seeds)"
+    assert new_row.split(" | ")[2:4] == ["11.0", "8.5"]
 
 
 def test_a_claimed_run_is_skipped_by_a_second_worker(tmp_path: Path) -> None:

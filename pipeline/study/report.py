@@ -271,10 +271,12 @@ def speed_table(variants: list[Variant]) -> list[str]:
         epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']})" for r in variant.records)
         to_best = mean_std([r["seconds_to_best"] for r in variant.records], digits=0)
         threads = ", ".join(sorted({str(r["torch_threads"]) for r in variant.records}))
-        cpu_cell = f"{statistics.mean(cpu):.1f}" + (f" ({len(cpu)} seeds)" if 0 < len(cpu) < len(per_epoch) else "")
+        cpu_cell = "–" if not cpu else f"{statistics.mean(cpu):.1f}"
+        if 0 < len(cpu) < len(per_epoch):
+            cpu_cell += f" ({len(cpu)} of the seeds)"
         lines.append(
-            f"| {variant.label} | {len(variant.records)} | {statistics.mean(per_epoch):.1f} | "
-            f"{cpu_cell if cpu else '–'} | {epochs} | {to_best} | {threads} |"
+            f"| {variant.label} | {len(variant.records)} | {statistics.mean(per_epoch):.1f} | {cpu_cell} | {epochs} "
+            f"| {to_best} | {threads} |"
         )
     return lines
 
