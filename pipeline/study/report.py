@@ -399,7 +399,7 @@ def dataset_sections(
     lines += [
         "### Training time",
         "",
-        "As the runs went: several workers shared the machine (one torch thread each), so wall seconds depend on",
+        "As the runs went: several workers shared the machine (torch threads: last column), so wall seconds depend on",
         "what else ran; CPU seconds (the process's, over the same span) count the work and are closer to comparable,",
         "but contention for caches and memory still inflates them. Compare speed in the side-by-side measurements of",
         "BENCHMARKS.md. Both include the full-ranking validation; runs recorded before CPU time was logged show –.",
