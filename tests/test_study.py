@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.study.__main__ import main
 from pipeline.study.plan import load_spec, plan, run_params
-from pipeline.study.report import Variant, speed_table, wilcoxon_p
+from pipeline.study.report import Variant, speed_table, versus, wilcoxon_p
 from pipeline.study.runner import claimed, decode_per_user, encode_per_user
 from tests.conftest import REPO_ROOT, TINY_MODEL
 
@@ -109,6 +109,24 @@ def test_per_user_values_round_trip_and_the_test_is_paired() -> None:
     assert wilcoxon_p(noise, values) > 0.01
 
 
+def test_the_paired_test_sets_each_model_against_the_other_on_the_seeds_both_finished() -> None:
+    rng = np.random.default_rng(1)
+    users = np.arange(2000)
+
+    def record(seed: int, values: np.ndarray) -> dict:
+        return {"seed": seed, "per_user_test": encode_per_user(users, values.astype(np.float32))}
+
+    ours_by_seed = {seed: rng.random(2000) * (rng.random(2000) < 0.2) for seed in (1, 2, 3)}
+    ours = Variant("hymoerec", "HyMoERec", "main", [record(s, v) for s, v in ours_by_seed.items()], [], [])
+    theirs_seed1 = ours_by_seed[1] * 0.9  # one seed, clearly below our seed 1
+    theirs = Variant("ablation", "Ablation", "ablation", [record(1, theirs_seed1)], [], [])
+    p = wilcoxon_p(ours_by_seed[1], theirs_seed1)
+    delta = float(np.mean(ours_by_seed[1] - theirs_seed1))
+    assert versus(ours, theirs) == f"{delta:+.4f}, p < 1e-4 ▲ (1 paired)" and p < 1e-4
+    elsewhere = Variant("other", "Other", "ablation", [record(7, theirs_seed1)], [], [])
+    assert versus(ours, elsewhere).endswith("(no seed in common)")  # falls back to every seed of each
+
+
 def test_the_speed_table_reads_records_from_before_cpu_time_was_logged() -> None:
     def record(seed: int, cpu: list[float] | None) -> dict:
         times = {"epoch_seconds": [10.0, 12.0]} | ({} if cpu is None else {"epoch_cpu_seconds": cpu})
@@ -159,7 +177,7 @@ def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyP
     ndcg = [json.loads(p.read_text())["metrics"]["test"]["ndcg@10"] for p in (study / "results").glob("*/hymoerec*")]
     assert f"{np.mean(ndcg):.4f} ± {np.std(ndcg, ddof=1):.4f}" in hymoerec_row
     sasrec_row = next(line for line in text.splitlines() if line.startswith("| SASRec | 2 |"))
-    assert re.search(r", p (= [0-9.e-]+|< 1e-4)", sasrec_row)  # paired test against HyMoERec
+    assert re.search(r", p (= [0-9.e-]+|< 1e-4)( [▲▼])? \(2 paired\)", sasrec_row)  # paired test vs HyMoERec
     assert "- HyMoERec test NDCG@10 ≥ 0.99: **not met** (" in text
     assert "- HyMoERec above its own SASRec with p < 0.05: " in text
     assert "| pure sparse | 1 |" in text and "| Elsewhere | 0.5000 | 0.2500 | – | a paper |" in text

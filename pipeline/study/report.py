@@ -52,9 +52,11 @@ PROTOCOL = """\
 - **Selection**: each run keeps the epoch with the best *validation* NDCG@10 (early stopping, patience 10); test is
   read once, after training. Defaults were chosen on validation only.
 - **Figures**: mean ± sample std over seeds (one seed: the value alone). HR@k, NDCG@k, MRR@k over all test users.
-- **Significance**: two-sided Wilcoxon signed-rank test over test users of per-user NDCG@10 (each model's value
-  averaged over its seeds), HyMoERec against each baseline; zero differences dropped, normal approximation with
-  tie correction (`scipy.stats.wilcoxon`). ▲ / ▼: HyMoERec significantly better / worse at p < 0.05.
+- **Significance**: two-sided Wilcoxon signed-rank test over test users of per-user NDCG@10, HyMoERec against each
+  baseline, each model's value averaged over the seeds *both* finished (so a 3-seed model is never set against a
+  1-seed one; the Δ beside p is over the same seeds, the count says how many); zero differences dropped, normal
+  approximation with tie correction (`scipy.stats.wilcoxon`). ▲ / ▼: HyMoERec significantly better / worse at
+  p < 0.05.
 - **Settings**: `params.yaml` defaults plus the dataset's and variant's overrides in `pipeline/study/spec.yaml`.
   Every run is an MLflow run of experiment `study-<dataset>` (tags `study.variant`, `study.seed`; its curves, plots
   and the record these tables read), and a committed record in `results/<dataset>/<variant>-seed<k>.json`.
@@ -73,9 +75,23 @@ class Variant:
     def values(self, metric: str) -> list[float]:
         return [r["metrics"]["test"][metric] for r in self.records]
 
-    def per_user(self) -> np.ndarray:
-        """Per-user test NDCG@10 averaged over the finished seeds."""
-        return np.mean([decode_per_user(r["per_user_test"]) for r in self.records], axis=0)
+    def seeds(self) -> set[int]:
+        return {r["seed"] for r in self.records}
+
+    def per_user(self, seeds: set[int] | None = None) -> np.ndarray:
+        """Per-user test NDCG@10 averaged over the finished seeds (or only over ``seeds``)."""
+        chosen = [r for r in self.records if seeds is None or r["seed"] in seeds]
+        return np.mean([decode_per_user(r["per_user_test"]) for r in chosen], axis=0)
+
+
+def paired(ours: Variant, theirs: Variant) -> tuple[np.ndarray, np.ndarray, int]:
+    """Both models' per-user NDCG@10 over the seeds both finished, and how many those are.
+
+    Averaging one side over three seeds and the other over one would set a smoothed model against a noisy one; with
+    no seed in common the two fall back to all their seeds (count 0, which the tables say).
+    """
+    common = ours.seeds() & theirs.seeds()
+    return ours.per_user(common or None), theirs.per_user(common or None), len(common)
 
 
 # ----------------------------------------------------------------------------------------------- MLflow
@@ -206,29 +222,29 @@ def mean_std(values: list[float], digits: int = 4) -> str:
 # ----------------------------------------------------------------------------------------------- tables
 def comparison_table(variants: list[Variant], reference: str = "hymoerec") -> list[str]:
     ref = next((v for v in variants if v.name == reference and v.records), None)
-    ref_users = ref.per_user() if ref else None
-    header = "| model | seeds | " + " | ".join(m.upper() for m in METRICS) + " | vs HyMoERec: Δ NDCG@10, p |"
+    header = "| model | seeds | " + " | ".join(m.upper() for m in METRICS) + " | vs HyMoERec: Δ NDCG@10, p (seeds) |"
     lines = [header, "|---" * (len(METRICS) + 3) + "|"]
     for variant in variants:
         if not variant.records:
             continue
         cells = [mean_std(variant.values(metric)) for metric in METRICS]
         best = f"**{variant.label}**" if variant.name == reference else variant.label
-        cells.append(versus(ref, ref_users, variant))
+        cells.append(versus(ref, variant))
         lines.append(f"| {best} | {len(variant.records)} | " + " | ".join(cells) + " |")
     return lines
 
 
-def versus(ref: Variant | None, ref_users: np.ndarray | None, variant: Variant) -> str:
-    if ref is None or ref_users is None or variant is ref:
+def versus(ref: Variant | None, variant: Variant) -> str:
+    if ref is None or variant is ref:
         return "–"
     if len({r["per_user_test"]["users_sha256"] for r in ref.records + variant.records}) != 1:
         return "test users differ"
-    theirs = variant.per_user()
-    p = wilcoxon_p(ref_users, theirs)
-    delta = float(ref_users.mean() - theirs.mean())
+    ours, theirs, n_paired = paired(ref, variant)
+    p = wilcoxon_p(ours, theirs)
+    delta = float(ours.mean() - theirs.mean())
     mark = ("▲" if delta > 0 else "▼") if p < SIGNIFICANCE else ""
-    return f"{delta:+.4f}, p {format_p(p)} {mark}".rstrip()
+    seeds = f"{n_paired} paired" if n_paired else "no seed in common"
+    return f"{delta:+.4f}, p {format_p(p)} {mark} ({seeds})".replace("  ", " ")
 
 
 def format_p(p: float) -> str:
@@ -427,7 +443,7 @@ def target_lines(data: dict[str, Any], main: list[Variant]) -> list[str]:
         lines.append("- HyMoERec above its own SASRec with p < 0.05: not measured yet (both need finished runs)")
     else:
         delta = statistics.mean(ours.values("ndcg@10")) - statistics.mean(sasrec.values("ndcg@10"))
-        p = wilcoxon_p(ours.per_user(), sasrec.per_user())
+        p = wilcoxon_p(*paired(ours, sasrec)[:2])
         verdict = "met" if delta > 0 and p < SIGNIFICANCE else "**not met**"
         lines.append(
             f"- HyMoERec above its own SASRec with p < {SIGNIFICANCE}: {verdict} (Δ NDCG@10 {delta:+.4f}, "
