@@ -122,7 +122,7 @@ def test_the_paired_test_sets_each_model_against_the_other_on_the_seeds_both_fin
     theirs = Variant("ablation", "Ablation", "ablation", [record(1, theirs_seed1)], [], [])
     p = wilcoxon_p(ours_by_seed[1], theirs_seed1)
     delta = float(np.mean(ours_by_seed[1] - theirs_seed1))
-    assert versus(ours, theirs) == f"{delta:+.4f}, p < 1e-4 ▲ (1 paired)" and p < 1e-4
+    assert versus(ours, theirs) == f"{delta:+.4f}, p < 1e-4 ▲ (seed 1)" and p < 1e-4
     elsewhere = Variant("other", "Other", "ablation", [record(7, theirs_seed1)], [], [])
     assert versus(ours, elsewhere).endswith("(no seed in common)")  # falls back to every seed of each
 
@@ -177,7 +177,7 @@ def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyP
     ndcg = [json.loads(p.read_text())["metrics"]["test"]["ndcg@10"] for p in (study / "results").glob("*/hymoerec*")]
     assert f"{np.mean(ndcg):.4f} ± {np.std(ndcg, ddof=1):.4f}" in hymoerec_row
     sasrec_row = next(line for line in text.splitlines() if line.startswith("| SASRec | 2 |"))
-    assert re.search(r", p (= [0-9.e-]+|< 1e-4)( [▲▼])? \(2 paired\)", sasrec_row)  # paired test vs HyMoERec
+    assert re.search(r", p (= [0-9.e-]+|< 1e-4)( [▲▼])? \(seeds 1, 2\)", sasrec_row)  # paired test vs HyMoERec
     assert "- HyMoERec test NDCG@10 ≥ 0.99: **not met** (" in text
     assert "- HyMoERec above its own SASRec with p < 0.05: " in text
     assert "| pure sparse | 1 |" in text and "| Elsewhere | 0.5000 | 0.2500 | – | a paper |" in text

@@ -84,14 +84,14 @@ class Variant:
         return np.mean([decode_per_user(r["per_user_test"]) for r in chosen], axis=0)
 
 
-def paired(ours: Variant, theirs: Variant) -> tuple[np.ndarray, np.ndarray, int]:
-    """Both models' per-user NDCG@10 over the seeds both finished, and how many those are.
+def paired(ours: Variant, theirs: Variant) -> tuple[np.ndarray, np.ndarray, set[int]]:
+    """Both models' per-user NDCG@10 over the seeds both finished, and those seeds.
 
     Averaging one side over three seeds and the other over one would set a smoothed model against a noisy one; with
-    no seed in common the two fall back to all their seeds (count 0, which the tables say).
+    no seed in common the two fall back to all their seeds (an empty set, which the tables say).
     """
     common = ours.seeds() & theirs.seeds()
-    return ours.per_user(common or None), theirs.per_user(common or None), len(common)
+    return ours.per_user(common or None), theirs.per_user(common or None), common
 
 
 # ----------------------------------------------------------------------------------------------- MLflow
@@ -239,11 +239,11 @@ def versus(ref: Variant | None, variant: Variant) -> str:
         return "–"
     if len({r["per_user_test"]["users_sha256"] for r in ref.records + variant.records}) != 1:
         return "test users differ"
-    ours, theirs, n_paired = paired(ref, variant)
+    ours, theirs, common = paired(ref, variant)
     p = wilcoxon_p(ours, theirs)
-    delta = float(ours.mean() - theirs.mean())
+    delta = round(float(ours.mean() - theirs.mean()), 4) + 0.0  # + 0.0: no "-0.0000"
     mark = ("▲" if delta > 0 else "▼") if p < SIGNIFICANCE else ""
-    seeds = f"{n_paired} paired" if n_paired else "no seed in common"
+    seeds = f"seed{'s' * (len(common) > 1)} {', '.join(map(str, sorted(common)))}" if common else "no seed in common"
     return f"{delta:+.4f}, p {format_p(p)} {mark} ({seeds})".replace("  ", " ")
 
 
