@@ -54,7 +54,7 @@ PROTOCOL = """\
 - **Figures**: mean ± sample std over seeds (one seed: the value alone). HR@k, NDCG@k, MRR@k over all test users.
 - **Significance**: two-sided Wilcoxon signed-rank test over test users of per-user NDCG@10, HyMoERec against each
   baseline, each model's value averaged over the seeds *both* finished (so a 3-seed model is never set against a
-  1-seed one; the Δ beside p is over the same seeds, the count says how many); zero differences dropped, normal
+  1-seed one; the Δ beside p is over the same seeds, which are named); zero differences dropped, normal
   approximation with tie correction (`scipy.stats.wilcoxon`). ▲ / ▼: HyMoERec significantly better / worse at
   p < 0.05.
 - **Settings**: `params.yaml` defaults plus the dataset's and variant's overrides in `pipeline/study/spec.yaml`.
@@ -241,8 +241,9 @@ def versus(ref: Variant | None, variant: Variant) -> str:
         return "test users differ"
     ours, theirs, common = paired(ref, variant)
     p = wilcoxon_p(ours, theirs)
-    delta = round(float(ours.mean() - theirs.mean()), 4) + 0.0  # + 0.0: no "-0.0000"
+    delta = float(ours.mean() - theirs.mean())
     mark = ("▲" if delta > 0 else "▼") if p < SIGNIFICANCE else ""
+    delta = round(delta, 4) + 0.0  # + 0.0: no "-0.0000"
     seeds = f"seed{'s' * (len(common) > 1)} {', '.join(map(str, sorted(common)))}" if common else "no seed in common"
     return f"{delta:+.4f}, p {format_p(p)} {mark} ({seeds})".replace("  ", " ")
 
