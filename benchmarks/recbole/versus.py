@@ -116,6 +116,7 @@ def compare(ours: dict[str, Any], recbole: dict[str, Any]) -> dict[str, Any]:
 
 def table(result: dict[str, Any], variant: str, threads: int) -> str:
     ratio = result["ratio_to_recbole_best"]
+    how = f"{threads} thread{'s' * (threads > 1)}"
     reached = (
         f"{result['ours_wall_to_recbole_best']:.0f} (epoch {result['ours_epoch_reaching_recbole_best']})"
         if ratio is not None
@@ -125,11 +126,11 @@ def table(result: dict[str, Any], variant: str, threads: int) -> str:
         "| side | s / epoch (incl. validation) | best valid NDCG@10 (epoch) | wall s to own best | "
         "wall s to RecBole's best | × RecBole | test NDCG@10 | test HR@10 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| RecBole 1.2.1 SASRec ({threads} thread) | {result['recbole_epoch_seconds']:.1f} | "
+        f"| RecBole 1.2.1 SASRec ({how}) | {result['recbole_epoch_seconds']:.1f} | "
         f"{result['recbole_best_valid_ndcg10']:.4f} ({result['recbole_best_epoch']}) | "
         f"{result['recbole_wall_to_best']:.0f} | {result['recbole_wall_to_best']:.0f} | 1.00 | "
         f"{result['recbole_test']['ndcg@10']:.4f} | {result['recbole_test']['hit@10']:.4f} |",
-        f"| this project, `{variant}` ({threads} thread) | {result['ours_epoch_seconds']:.1f} | "
+        f"| this project, `{variant}` ({how}) | {result['ours_epoch_seconds']:.1f} | "
         f"{result['ours_best_valid_ndcg10']:.4f} ({result['ours_best_epoch']}) | "
         f"{result['ours_wall_to_own_best']:.0f} | {reached} | "
         f"{'–' if ratio is None else f'{ratio:.3f}'} | "
