@@ -40,9 +40,8 @@ from pathlib import Path
 import torch
 from pipeline.evaluation.evaluate import EvaluateOutputs
 from pipeline.model.train_log import read_log
-from pipeline.params import load_params
 from pipeline.stages import evaluate, train
-from pipeline.study.plan import data_dirs, load_spec, plan
+from pipeline.study.plan import load_spec, plan, run_params
 from pipeline.training.train import TrainOutputs
 
 variant, work = sys.argv[1], sys.argv[4]
@@ -51,10 +50,9 @@ torch.set_num_threads(threads)
 logging.basicConfig(level=logging.INFO, format="%(asctime)s ours: %(message)s")  # progress on stderr
 (run,) = plan(load_spec(), "beauty", variants=[variant], seeds=[seed])
 with tempfile.TemporaryDirectory() as tmp:
-    params = load_params("params.yaml", {
-        **run.overrides, **data_dirs("beauty", Path(work)), "train.seed": seed, "train.epochs": max_epochs,
-        "train.model_dir": f"{tmp}/model", "evaluate.report_dir": f"{tmp}/reports", "train.resume": False,
-        "mlflow.enabled": False,
+    params = run_params(run, "params.yaml", Path(work), {
+        "train.epochs": max_epochs, "train.model_dir": f"{tmp}/model", "evaluate.report_dir": f"{tmp}/reports",
+        "train.resume": False, "mlflow.enabled": False,
     })
     train(params)
     evaluate(params)

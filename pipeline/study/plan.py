@@ -104,7 +104,10 @@ def plan(
     return sorted(runs, key=lambda run: (group_order.index(run.group), run.seed))
 
 
-def run_params(run: Run, params_file: str | Path = "params.yaml", work_dir: Path = WORK_DIR) -> Params:
+def run_params(
+    run: Run, params_file: str | Path = "params.yaml", work_dir: Path = WORK_DIR, extra: dict[str, Any] | None = None
+) -> Params:
+    """The run's parameters; ``extra`` overrides last (a benchmark training the same run elsewhere, say)."""
     folder = run.folder(work_dir)
     return load_params(
         params_file,
@@ -115,6 +118,7 @@ def run_params(run: Run, params_file: str | Path = "params.yaml", work_dir: Path
             "train.model_dir": str(folder / "model"),
             "evaluate.report_dir": str(folder / "reports"),
             "mlflow.experiment_prefix": EXPERIMENT_PREFIX,
+            **(extra or {}),
         },
     )
 
