@@ -395,8 +395,16 @@ def test_scheduler_runs_a_dag_run_triggered_over_the_rest_api(tmp_path: Path, ba
         assert str(client.get_model_version_by_alias("hymoerec-custom", "champion").version) == "1"
         if "AIRFLOW__CELERY__BROKER_URL" in backend:  # the tasks really went through the queue to the worker
             assert {t["queue"] for t in tasks} == {backend["AIRFLOW__OPERATORS__DEFAULT_QUEUE"]}
-            worker_log = (home / "logs" / "celery-worker.out").read_text()
-            assert worker_log.count("succeeded in") == len(CHAIN), worker_log[-3000:]
+            worker_log = home / "logs" / "celery-worker.out"
+            # A task's state reaches the API server before Celery logs the task done: wait for the last line.
+            wait_for(
+                "the worker to log every task done",
+                lambda: worker_log.read_text().count("succeeded in") >= len(CHAIN),
+                60,
+                launcher,
+                worker_log,
+            )
+            assert worker_log.read_text().count("succeeded in") == len(CHAIN), worker_log.read_text()[-3000:]
     finally:
         if launcher.poll() is None:
             launcher.send_signal(signal.SIGTERM)
