@@ -18,6 +18,7 @@ from pipeline.model import (
     ModelConfig,
     MoEConfig,
     build_model,
+    mamba4rec,
     warmup_weight,
 )
 from pipeline.model.base import next_item_ce
@@ -439,6 +440,21 @@ def test_selective_scan_is_the_recurrence() -> None:
     h1 = 0.5 * 3.0 * 1.0
     h2 = math.exp(0.25 * -2.0) * h1 + 0.25 * 1.0 * 2.0
     torch.testing.assert_close(y, torch.tensor([[[h1 + 1.0], [2.0 * h2 + 2.0]]]))
+
+
+def test_inference_scan_in_chunks_of_users_gives_the_whole_batch_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without gradients the scan runs a few users at a time (memory); the result is the one-batch scan's."""
+    g = torch.Generator().manual_seed(7)
+    b, length, d, n = 7, 13, 6, 4
+    u, delta = torch.randn(b, length, d, generator=g), torch.rand(b, length, d, generator=g)
+    A, D = -torch.rand(d, n, generator=g) * 3, torch.randn(d, generator=g)
+    B, C = torch.randn(b, length, n, generator=g), torch.randn(b, length, n, generator=g)
+    whole = selective_scan(u, delta, A, B, C, D, kernel="parallel")  # grad mode: one batch
+    monkeypatch.setattr(mamba4rec, "INFERENCE_SCAN_BYTES", 3 * 16 * d * n * 4)  # 3 users per chunk (L pads to 16)
+    assert mamba4rec._rows_per_chunk(length, A) == 3
+    with torch.no_grad():
+        chunked = selective_scan(u, delta, A, B, C, D, kernel="parallel")
+    torch.testing.assert_close(chunked, whole)
 
 
 @pytest.mark.parametrize("kernel", ["parallel", "sequential"])

@@ -46,7 +46,25 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if kernel == "fused" and not (u.is_cuda and fused_scan_available()):
         raise RuntimeError("model.mamba.scan=fused needs a CUDA device and the mamba-ssm package; use auto or parallel")
     with torch.autocast(u.device.type, enabled=False):  # bf16 einsums would round the states
-        return _selective_scan(*(_at_least_float32(t) for t in (u, delta, A, B, C, D)), kernel)
+        u, delta, A, B, C, D = (_at_least_float32(t) for t in (u, delta, A, B, C, D))
+        if kernel == "fused" or torch.is_grad_enabled():  # training keeps every state for the backward anyway
+            return _selective_scan(u, delta, A, B, C, D, kernel)
+        rows = _rows_per_chunk(u.shape[1], A)
+        chunks = zip(u.split(rows), delta.split(rows), B.split(rows), C.split(rows), strict=True)
+        parts = [_selective_scan(u_, delta_, A, B_, C_, D, kernel) for u_, delta_, B_, C_ in chunks]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+INFERENCE_SCAN_BYTES = 256 * 2**20
+"""Largest [rows, L, d, n] state tensor of one inference chunk. Full ranking scores 512-1024 users at once; at
+ML-1M's L = 200 (padded to 256 steps by the scan) each state-sized tensor of the scan takes 1.7 GB per 512 users,
+and an ML-1M Mamba4Rec epoch was killed for memory at 15 GB. The scan is independent per row, so chunks of users
+give the same scores in a fraction of the memory."""
+
+
+def _rows_per_chunk(length: int, A: Tensor) -> int:
+    bytes_per_row = (1 << max(length - 1, 0).bit_length()) * A.numel() * 4  # mambapy pads L to a power of two
+    return max(1, INFERENCE_SCAN_BYTES // bytes_per_row)
 
 
 def _selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, kernel: str) -> Tensor:
