@@ -34,6 +34,8 @@ VARIANTS = {
     # bf16 autocast on the CPU (train.cpu_amp): the full-softmax matmuls dominate an epoch
     "hymoerec-bf16": {"model.kind": "hymoerec", "model.moe.enabled": True, "train.cpu_amp": True},
     "sasrec-bf16": {"model.kind": "hymoerec", "model.moe.enabled": False, "train.cpu_amp": True},
+    # the study's dense-width-128 search point: a dense branch half SASRec's FFN width, so dense + experts ~ its FLOPs
+    "hymoerec-dense128": {"model.kind": "hymoerec", "model.moe.enabled": True, "model.moe.dense_hidden": 128},
 }
 CHILD = """
 import json, sys, tempfile, time
