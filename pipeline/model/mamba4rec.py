@@ -26,7 +26,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from mambapy.pscan import pscan
+from mambapy.pscan import npo2, pscan
 from torch import Tensor, nn
 
 from pipeline.model.base import SequentialRecommender, left_to_right, right_to_left
@@ -63,7 +63,7 @@ give the same scores in a fraction of the memory."""
 
 
 def _rows_per_chunk(length: int, A: Tensor) -> int:
-    bytes_per_row = (1 << max(length - 1, 0).bit_length()) * A.numel() * 4  # mambapy pads L to a power of two
+    bytes_per_row = npo2(length) * A.numel() * 4  # pscan pads L to the next power of two
     return max(1, INFERENCE_SCAN_BYTES // bytes_per_row)
 
 
