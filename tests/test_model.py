@@ -21,7 +21,7 @@ from pipeline.model import (
     mamba4rec,
     warmup_weight,
 )
-from pipeline.model.base import next_item_ce
+from pipeline.model.base import next_item_ce, score_items
 from pipeline.model.config import MambaConfig, NARMConfig
 from pipeline.model.mamba4rec import fused_scan_available, selective_scan
 from pipeline.model.moe import FeedForward, load_balance
@@ -406,6 +406,22 @@ def test_narm_matches_its_formulas_at_every_position(training: bool, monkeypatch
             weights = model.v(torch.sigmoid(model.a1(states[i]) + model.a2(states[: i + 1]))).squeeze(-1)
             context = torch.cat([states[i], weights @ states[: i + 1]])
             torch.testing.assert_close(hidden[b, t], model.decoder(context), atol=1e-5, rtol=1e-5)
+
+
+def test_narm_ranks_from_the_last_position_alone_as_from_the_whole_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``score_next`` skips the local attention of every earlier position: same scores as the last row of
+    ``encode``, history bias included."""
+    from pipeline.model import narm
+
+    monkeypatch.setattr(narm, "QUERY_CHUNK", 5)
+    torch.manual_seed(0)
+    model = build_model(without_dropout(small_cfg("narm")), num_items=30).eval()
+    with torch.no_grad():
+        model.history_bias.fill_(0.7)
+        ids = random_batch(num_items=30)
+        hidden, _ = model.encode(ids)
+        expected = model.bias_history(score_items(hidden[:, -1], model.item_emb.weight, 30), ids)
+        torch.testing.assert_close(model.score_next(ids), expected)
 
 
 @pytest.mark.parametrize("length", [1, 5, 16, 37])

@@ -8,7 +8,8 @@
 as in the paper and RecBole's reference (the attention weights are not normalised). The per-position form lets NARM
 train with the same next-item loss at every position as the other models (the paper's prefix augmentation), and
 ``encode`` returns ``B c_t``, so the shared full-sort scorer (one matmul with the item table) is NARM's decoder.
-Histories are rotated to right padding before the GRU, as in GRU4Rec, so every user starts from h0.
+Histories are rotated to right padding before the GRU, as in GRU4Rec, so every user starts from h0. Ranking
+(``score_next``) forms the local attention of the last position alone, not the [L, L] pairs a training step needs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.model.base import SequentialRecommender, left_to_right, right_to_left
+from pipeline.model.base import SequentialRecommender, left_to_right, right_to_left, score_items
 from pipeline.model.config import ModelConfig
 from pipeline.model.dropout import Dropout
 from pipeline.model.moe import MoEAux
@@ -42,28 +43,44 @@ class NARM(SequentialRecommender):
             self.item_emb.weight[0].zero_()
 
     def encode(self, input_ids: Tensor, *, return_topk: bool = False) -> tuple[Tensor, list[MoEAux]]:
+        states, real = self._states(input_ids)
+        return self._decode(states, real, first=0), []
+
+    def score_next(self, input_ids: Tensor) -> Tensor:
+        """Ranking needs the last position alone: its local attention is 1/L of what ``encode`` computes."""
+        states, real = self._states(input_ids)
+        hidden = self._decode(states, real, first=states.shape[1] - 1)
+        return self.bias_history(score_items(hidden[:, -1], self.item_emb.weight, self.num_items), input_ids)
+
+    def _states(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """GRU states ``[B, L, H]`` (padding rows 0) and the mask of real positions."""
         input_ids = input_ids[:, -self.max_seq_len :]
         real = input_ids > 0
         right, pad = left_to_right(input_ids)
         states, _ = self.gru(self.emb_drop(self.item_emb(right)))
-        states = right_to_left(states, pad) * real.unsqueeze(-1).to(states.dtype)  # [B, L, H], padding rows 0
+        return right_to_left(states, pad) * real.unsqueeze(-1).to(states.dtype), real
+
+    def _decode(self, states: Tensor, real: Tensor, first: int) -> Tensor:
+        """``B c_t`` for the positions ``first..L-1`` (padding rows 0)."""
         keys = self.a2(states)
-        queries = self.a1(states)
-        L = input_ids.shape[1]
-        may_attend = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril() & real.unsqueeze(1)
+        queries = self.a1(states[:, first:])
+        L = states.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=states.device).tril()[first:]
+        may_attend = causal & real.unsqueeze(1)  # [B, L - first, L]
         # the [B, chunk, L, H] energies are the largest activation (B L^2 H in all): in training each chunk is
-        # recomputed in the backward pass rather than kept, so memory stays at one chunk's worth at L = 200
+        # recomputed in the backward pass rather than kept, so memory stays at one chunk's worth at L = 200;
+        # positions before `stop` only attend to the first `stop` states, so the rest of the keys are never formed
         recompute = self.training and torch.is_grad_enabled()
         local = []
-        for start in range(0, L, QUERY_CHUNK):
-            stop = min(start + QUERY_CHUNK, L)
-            args = (queries[:, start:stop], keys, states, may_attend[:, start:stop])
+        for start in range(0, L - first, QUERY_CHUNK):
+            stop = min(start + QUERY_CHUNK, L - first)
+            keys_to = first + stop
+            args = (queries[:, start:stop], keys[:, :keys_to], states[:, :keys_to], may_attend[:, start:stop, :keys_to])
             local.append(checkpoint(self._local, *args, use_reentrant=False) if recompute else self._local(*args))
-        context = torch.cat([states, torch.cat(local, dim=1)], dim=-1)
-        hidden = self.decoder(self.ctx_drop(context)) * real.unsqueeze(-1).to(states.dtype)
-        return hidden, []
+        context = torch.cat([states[:, first:], torch.cat(local, dim=1)], dim=-1)
+        return self.decoder(self.ctx_drop(context)) * real[:, first:].unsqueeze(-1).to(states.dtype)
 
     def _local(self, queries: Tensor, keys: Tensor, states: Tensor, may_attend: Tensor) -> Tensor:
         """c_local for a chunk of positions: sum_j v^T sigmoid(A1 h_t + A2 h_j) h_j over the allowed j."""
         energy = self.v(torch.sigmoid(queries[:, :, None, :] + keys[:, None, :, :])).squeeze(-1)
-        return (energy * may_attend.to(energy.dtype)) @ states  # [B, chunk, L] @ [B, L, H]: j <= t, real j only
+        return (energy * may_attend.to(energy.dtype)) @ states  # [B, chunk, T] @ [B, T, H]: j <= t, real j only
