@@ -69,7 +69,7 @@ class NARM(SequentialRecommender):
         may_attend = causal & real.unsqueeze(1)  # [B, L - first, L]
         # the [B, chunk, L, H] energies are the largest activation (B L^2 H in all): in training each chunk is
         # recomputed in the backward pass rather than kept, so memory stays at one chunk's worth at L = 200;
-        # positions before `stop` only attend to the first `stop` states, so the rest of the keys are never formed
+        # a chunk attends to no state after its last position (`keys_to`), so the later keys are never formed
         recompute = self.training and torch.is_grad_enabled()
         local = []
         for start in range(0, L - first, QUERY_CHUNK):
