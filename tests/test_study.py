@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.study.__main__ import main
 from pipeline.study.plan import load_spec, plan, run_params
-from pipeline.study.report import Variant, speed_table, versus, wilcoxon_p
+from pipeline.study.report import METRICS, Variant, comparison_table, speed_table, stopped_by_cap, versus, wilcoxon_p
 from pipeline.study.runner import claimed, decode_per_user, encode_per_user
 from tests.conftest import REPO_ROOT, TINY_MODEL
 
@@ -139,6 +139,36 @@ def test_the_speed_table_reads_records_from_before_cpu_time_was_logged() -> None
     assert old_row.split(" | ")[3] == "–"
     assert mixed_row.split(" | ")[3] == "8.5 (1 of the seeds)"
     assert new_row.split(" | ")[2:4] == ["11.0", "8.5"]
+
+
+def test_a_run_that_the_epoch_cap_ended_is_marked_in_the_tables() -> None:
+    """Still improving within the last `patience` epochs at the cap: the tables say that the cap ended the run."""
+
+    def record(seed: int, epochs_run: int, best_epoch: int) -> dict:
+        return {
+            "seed": seed,
+            "epochs_run": epochs_run,
+            "best_epoch": best_epoch,
+            "settings": {"train.epochs": 200, "train.patience": 10},
+            "metrics": {"test": dict.fromkeys(METRICS, 0.1)},
+            "per_user_test": encode_per_user(np.arange(10), np.linspace(0, 1, 10, dtype=np.float32)),
+            "epoch_seconds": [10.0],
+            "seconds_to_best": 10.0,
+            "torch_threads": 1,
+        }
+
+    assert stopped_by_cap(record(1, 200, 195)) and stopped_by_cap(record(1, 200, 191))
+    assert not stopped_by_cap(record(1, 200, 190))  # early stopping fired at the cap
+    assert not stopped_by_cap(record(1, 120, 115))  # a run still going (or resumed) is not capped
+    assert not stopped_by_cap({"epochs_run": 200, "best_epoch": 199})  # records without settings: no claim
+    converged = Variant("hymoerec", "HyMoERec", "main", [record(1, 78, 68)], [], [])
+    capped = Variant("gru4rec", "GRU4Rec", "main", [record(1, 78, 68), record(2, 200, 195)], [], [])
+    table = comparison_table([converged])
+    assert table[-1].startswith("| **HyMoERec** | 1 |") and "†" not in "".join(table)
+    rows = comparison_table([converged, capped])
+    assert rows[3].startswith("| GRU4Rec † | 2 |") and rows[-1].startswith("† at least one seed ran into")
+    speed = speed_table([converged, capped])
+    assert speed[3].split(" | ")[4] == "78 (68), 200 (195)†" and speed[-1] == rows[-1]
 
 
 def test_a_claimed_run_is_skipped_by_a_second_worker(tmp_path: Path) -> None:

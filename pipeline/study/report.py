@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 METRICS = ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20")
 RECORD_ARTIFACT = "study/record.json"
 SIGNIFICANCE = 0.05
+CAPPED = "†"
+CAPPED_NOTE = (
+    f"{CAPPED} at least one seed ran into the `train.epochs` cap before early stopping: its validation NDCG@10 was "
+    "still improving within the last `train.patience` epochs, so the protocol's cap, not convergence, ended it."
+)
 PROTOCOL = """\
 - **Split**: chronological leave-one-out per user (last event = test, second to last = validation, the rest
   trains), users and items with fewer than 5 events removed (5-core).
@@ -211,6 +216,17 @@ def wilcoxon_p(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(wilcoxon(ours, theirs, zero_method="wilcox", method="approx").pvalue)
 
 
+def stopped_by_cap(record: dict[str, Any]) -> bool:
+    """Whether the run used every epoch ``train.epochs`` allowed with its best epoch within the last patience.
+
+    Early stopping never fired, so the figure is what the cap allowed, not a converged run's."""
+    settings = record.get("settings", {})
+    cap, patience = settings.get("train.epochs"), settings.get("train.patience")
+    if cap is None or patience is None:
+        return False
+    return record["epochs_run"] >= cap and record["epochs_run"] - record["best_epoch"] < patience
+
+
 def mean_std(values: list[float], digits: int = 4) -> str:
     if not values:
         return "–"
@@ -229,8 +245,11 @@ def comparison_table(variants: list[Variant], reference: str = "hymoerec") -> li
             continue
         cells = [mean_std(variant.values(metric)) for metric in METRICS]
         best = f"**{variant.label}**" if variant.name == reference else variant.label
+        capped = any(stopped_by_cap(r) for r in variant.records)
         cells.append(versus(ref, variant))
-        lines.append(f"| {best} | {len(variant.records)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {best}{f' {CAPPED}' * capped} | {len(variant.records)} | " + " | ".join(cells) + " |")
+    if any(stopped_by_cap(r) for v in variants for r in v.records):
+        lines += ["", CAPPED_NOTE]
     return lines
 
 
@@ -285,7 +304,9 @@ def speed_table(variants: list[Variant]) -> list[str]:
             continue
         per_epoch = [statistics.median(r["epoch_seconds"]) for r in variant.records]
         cpu = [statistics.median(r["epoch_cpu_seconds"]) for r in variant.records if r.get("epoch_cpu_seconds")]
-        epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']})" for r in variant.records)
+        epochs = ", ".join(
+            f"{r['epochs_run']} ({r['best_epoch']}){CAPPED * stopped_by_cap(r)}" for r in variant.records
+        )
         to_best = mean_std([r["seconds_to_best"] for r in variant.records], digits=0)
         threads = ", ".join(sorted({str(r["torch_threads"]) for r in variant.records}))
         cpu_cell = "–" if not cpu else f"{statistics.mean(cpu):.1f}"
@@ -295,6 +316,8 @@ def speed_table(variants: list[Variant]) -> list[str]:
             f"| {variant.label} | {len(variant.records)} | {statistics.mean(per_epoch):.1f} | {cpu_cell} | {epochs} "
             f"| {to_best} | {threads} |"
         )
+    if any(stopped_by_cap(r) for v in variants for r in v.records):
+        lines += ["", CAPPED_NOTE]
     return lines
 
 
