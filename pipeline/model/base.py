@@ -123,8 +123,13 @@ class SequentialRecommender(nn.Module):
 
     def score_next(self, input_ids: Tensor) -> Tensor:
         """Full-sort float32 scores ``[B, num_items + 1]`` of the item after the last position; column 0 = -inf."""
-        hidden, _ = self.encode(input_ids)
-        return self.bias_history(score_items(hidden[:, -1], self.item_emb.weight, self.num_items), input_ids)
+        return self.bias_history(
+            score_items(self.encode_last(input_ids), self.item_emb.weight, self.num_items), input_ids
+        )
+
+    def encode_last(self, input_ids: Tensor) -> Tensor:
+        """Hidden state ``[B, d]`` of the last position: what ranking reads (a model may compute it alone)."""
+        return self.encode(input_ids)[0][:, -1]
 
     def bias_history(self, scores: Tensor, input_ids: Tensor) -> Tensor:
         """Add the learned history bias to the full-sort ``scores`` of the items in the window the model sees."""

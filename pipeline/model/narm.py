@@ -9,7 +9,7 @@ as in the paper and RecBole's reference (the attention weights are not normalise
 train with the same next-item loss at every position as the other models (the paper's prefix augmentation), and
 ``encode`` returns ``B c_t``, so the shared full-sort scorer (one matmul with the item table) is NARM's decoder.
 Histories are rotated to right padding before the GRU, as in GRU4Rec, so every user starts from h0. Ranking
-(``score_next``) forms the local attention of the last position alone, not the [L, L] pairs a training step needs.
+(``encode_last``) forms the local attention of the last position alone, not the [L, L] pairs a training step needs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.model.base import SequentialRecommender, left_to_right, right_to_left, score_items
+from pipeline.model.base import SequentialRecommender, left_to_right, right_to_left
 from pipeline.model.config import ModelConfig
 from pipeline.model.dropout import Dropout
 from pipeline.model.moe import MoEAux
@@ -46,11 +46,10 @@ class NARM(SequentialRecommender):
         states, real = self._states(input_ids)
         return self._decode(states, real, first=0), []
 
-    def score_next(self, input_ids: Tensor) -> Tensor:
+    def encode_last(self, input_ids: Tensor) -> Tensor:
         """Ranking needs the last position alone: its local attention is 1/L of what ``encode`` computes."""
         states, real = self._states(input_ids)
-        hidden = self._decode(states, real, first=states.shape[1] - 1)
-        return self.bias_history(score_items(hidden[:, -1], self.item_emb.weight, self.num_items), input_ids)
+        return self._decode(states, real, first=states.shape[1] - 1)[:, -1]
 
     def _states(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """GRU states ``[B, L, H]`` (padding rows 0) and the mask of real positions."""
