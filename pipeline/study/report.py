@@ -227,6 +227,11 @@ def stopped_by_cap(record: dict[str, Any]) -> bool:
     return record["epochs_run"] >= cap and record["epochs_run"] - record["best_epoch"] < patience
 
 
+def cap_note(variants: list[Variant]) -> list[str]:
+    """The lines under a table that explain its † (none when no run was capped)."""
+    return ["", CAPPED_NOTE] if any(stopped_by_cap(r) for v in variants for r in v.records) else []
+
+
 def mean_std(values: list[float], digits: int = 4) -> str:
     if not values:
         return "–"
@@ -248,9 +253,7 @@ def comparison_table(variants: list[Variant], reference: str = "hymoerec") -> li
         capped = any(stopped_by_cap(r) for r in variant.records)
         cells.append(versus(ref, variant))
         lines.append(f"| {best}{f' {CAPPED}' * capped} | {len(variant.records)} | " + " | ".join(cells) + " |")
-    if any(stopped_by_cap(r) for v in variants for r in v.records):
-        lines += ["", CAPPED_NOTE]
-    return lines
+    return lines + cap_note(variants)
 
 
 def versus(ref: Variant | None, variant: Variant) -> str:
@@ -316,9 +319,7 @@ def speed_table(variants: list[Variant]) -> list[str]:
             f"| {variant.label} | {len(variant.records)} | {statistics.mean(per_epoch):.1f} | {cpu_cell} | {epochs} "
             f"| {to_best} | {threads} |"
         )
-    if any(stopped_by_cap(r) for v in variants for r in v.records):
-        lines += ["", CAPPED_NOTE]
-    return lines
+    return lines + cap_note(variants)
 
 
 def search_table(variants: list[Variant]) -> list[str]:
