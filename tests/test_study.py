@@ -14,6 +14,7 @@ from pipeline.study.__main__ import main
 from pipeline.study.plan import load_spec, plan, run_params
 from pipeline.study.report import (
     CAPPED_NOTE,
+    INTERIM_NOTE,
     METRICS,
     Variant,
     comparison_table,
@@ -22,7 +23,7 @@ from pipeline.study.report import (
     versus,
     wilcoxon_p,
 )
-from pipeline.study.runner import claimed, decode_per_user, encode_per_user
+from pipeline.study.runner import claimed, decode_per_user, encode_per_user, prepare_data
 from tests.conftest import REPO_ROOT, TINY_MODEL
 
 TINY_SPEC = {
@@ -178,6 +179,52 @@ def test_a_run_that_the_epoch_cap_ended_is_marked_in_the_tables() -> None:
     assert rows[3].startswith("| GRU4Rec † | 2 |") and rows[-1].startswith("† at least one seed ran into")
     speed = speed_table([converged, capped])
     assert speed[3].split(" | ")[4] == "78 (68), 200 (195)†" and speed[-1] == rows[-1]
+
+
+def test_an_unfinished_run_is_an_interim_result_until_it_finishes(
+    study: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run longer than a machine is held: its best weights so far are evaluated and marked ‡ in the tables, and
+    the finished run, resumed from the same checkpoint, replaces them."""
+    from pipeline.training.train import train
+
+    params_file = REPO_ROOT / "params.yaml"
+    run = plan(load_spec(study / "spec.yaml"), "synthetic", variants=["hymoerec"], seeds=[1])[0]
+    prepare_data(run, params_file, study / "work")
+
+    class MachineTakenBack(Exception):
+        pass
+
+    def take_back(row: dict) -> None:
+        raise MachineTakenBack
+
+    with pytest.raises(MachineTakenBack):  # after the first epoch's checkpoint, as when a session ends
+        train(run_params(run, params_file, study / "work"), on_epoch=take_back)
+
+    assert cli(study, "interim", "--variants", "hymoerec", "sasrec") == 0  # sasrec never started: nothing to take
+    records = study / "results" / "synthetic"
+    assert [p.name for p in records.glob("*.json")] == ["hymoerec-seed1.interim.json"]
+    interim = json.loads((records / "hymoerec-seed1.interim.json").read_text())
+    assert interim["interim"] is True and (interim["epochs_run"], interim["best_epoch"]) == (1, 1)
+    # the weights evaluated are the best epoch's: they score validation as training did
+    assert interim["metrics"]["valid"]["ndcg@10"] == pytest.approx(interim["valid_ndcg@10_by_epoch"][0], abs=1e-5)
+    capsys.readouterr()
+    assert cli(study, "status", "--variants", "hymoerec", "--seeds", "1") == 0
+    assert capsys.readouterr().out.split()[-3:] == ["pending", "(interim", "result)"]
+
+    assert cli(study, "report", "--out", str(study / "interim.md")) == 0
+    text = (study / "interim.md").read_text()
+    assert "0 of 6 planned runs finished, 1 interim." in text
+    assert "| **HyMoERec** ‡ | 1 |" in text and INTERIM_NOTE in text and ", 1 seed(s) ‡)" in text  # and the target
+    assert "- HyMoERec seed 1: unfinished, in the tables as an interim result (best validation at epoch 1 of 1" in text
+
+    assert cli(study, "run", "--variants", "hymoerec", "--seeds", "1") == 0  # resumes after epoch 1
+    finished = json.loads((records / "hymoerec-seed1.json").read_text())
+    assert finished["epochs_run"] == 2 and "interim" not in finished
+    assert not (records / "hymoerec-seed1.interim.json").exists()
+    assert cli(study, "report", "--out", str(study / "finished.md")) == 0  # the interim run is in MLflow still
+    text = (study / "finished.md").read_text()
+    assert "1 of 6 planned runs finished." in text and "| **HyMoERec** † | 1 |" in text and "‡" not in text
 
 
 def test_a_claimed_run_is_skipped_by_a_second_worker(tmp_path: Path) -> None:

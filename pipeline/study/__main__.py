@@ -3,6 +3,7 @@
 python -m pipeline.study status                       # the plan and what is done, per dataset
 python -m pipeline.study run --dataset beauty --threads 1 &   # start it twice: two workers share the plan
 python -m pipeline.study run --dataset beauty --group ablation --variants no-dense --seeds 1
+python -m pipeline.study interim --dataset ml-1m       # unfinished runs' best weights so far (workers stopped)
 python -m pipeline.study report                       # RESULTS.md + results/plots/*.png from MLflow
 """
 
@@ -28,7 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--records", type=Path, default=RECORDS_DIR, help="folder of the committed run records")
     parser.add_argument("--spec", type=Path, default=SPEC_FILE, help="study definition (default: the project's)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "train + evaluate the pending runs"), ("status", "list the plan and its state")):
+    commands = (
+        ("run", "train + evaluate the pending runs"),
+        ("status", "list the plan and its state"),
+        ("interim", "evaluate unfinished runs' best weights so far (stop their workers first)"),
+    )
+    for name, help_text in commands:
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--dataset", action="append", help="study dataset (repeatable; default: all)")
         command.add_argument("--group", action="append", help="main | ablation (repeatable; default: all)")
@@ -54,8 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             for run in runs:
                 state = "done" if run.record_path(args.records).exists() else "pending"
+                if state == "pending" and run.interim_record_path(args.records).exists():
+                    state = "pending (interim result)"
                 print(f"{run.dataset:8s} {run.group:9s} {run.name:28s} {state}")
             return 0
+        if args.command == "interim":
+            return record_interims(runs, args)
         return run_all(runs, args)
     except ParamsError as err:
         print(f"error: study: {err}", file=sys.stderr)
@@ -90,6 +100,18 @@ def run_all(runs: list, args: argparse.Namespace) -> int:
     if failed:
         log.error("study: %d run(s) failed: %s", len(failed), ", ".join(f"{r.dataset}/{r.name}" for r in failed))
     return 1 if failed else 0
+
+
+def record_interims(runs: list, args: argparse.Namespace) -> int:
+    """An interim record for every selected run that is unfinished and has a checkpoint under the work dir."""
+    from pipeline.study.runner import record_interim
+
+    recorded = [path for run in runs if (path := record_interim(run, args.params, args.work_dir, args.records))]
+    for path in recorded:
+        log.info("study: interim result recorded in %s", path)
+    if not recorded:
+        log.info("study: no unfinished run with a checkpoint under %s", args.work_dir)
+    return 0
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ class Run:
     def record_path(self, records_dir: Path = RECORDS_DIR) -> Path:
         return records_dir / self.dataset / f"{self.name}.json"
 
+    def interim_record_path(self, records_dir: Path = RECORDS_DIR) -> Path:
+        """The record of the run's best weights so far, while it is unfinished (removed when it finishes)."""
+        return records_dir / self.dataset / f"{self.name}.interim.json"
+
 
 def load_spec(path: Path = SPEC_FILE) -> dict[str, Any]:
     spec = yaml.safe_load(path.read_text())

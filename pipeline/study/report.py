@@ -3,8 +3,9 @@
 Source of truth: the MLflow runs of experiments ``study-<dataset>`` that carry a study record (``study/record.json``,
 attached by the runner). Committed records (``results/``) that the store lacks, e.g. on a fresh machine, are
 imported into it first, so the report is the same wherever it is generated. Per (dataset, variant, seed) the most
-recently finished run counts; a run whose settings differ from what the spec and ``params.yaml`` give today is
-*stale*: listed with the settings that changed, never averaged in.
+recently finished run counts (an interim result only while no finished run exists); a run whose settings differ
+from what the spec and ``params.yaml`` give today is *stale*: listed with the settings that changed, never averaged
+in.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ CAPPED = "†"
 CAPPED_NOTE = (
     f"{CAPPED} at least one seed ran into the `train.epochs` cap before early stopping: its validation NDCG@10 was "
     "still improving within the last `train.patience` epochs, so the protocol's cap, not convergence, ended it."
+)
+INTERIM = "‡"
+INTERIM_NOTE = (
+    f"{INTERIM} at least one seed is unfinished: an interim result, the best validation epoch's weights after the "
+    "epochs it could train in the time a machine was held (`python -m pipeline.study interim`); its finished run "
+    "replaces it."
 )
 PROTOCOL = """\
 - **Split**: chronological leave-one-out per user (last event = test, second to last = validation, the rest
@@ -168,7 +175,7 @@ def assemble(
     latest: dict[tuple[str, str, int], dict[str, Any]] = {}
     for record in records:
         key = (record["dataset"], record["variant"], record["seed"])
-        if key not in latest or record["finished"] > latest[key]["finished"]:
+        if key not in latest or _precedence(record) > _precedence(latest[key]):
             latest[key] = record
     out: dict[str, list[Variant]] = {}
     for dataset in spec["datasets"]:
@@ -191,6 +198,15 @@ def assemble(
             variants.append(Variant(name, label, spec["variants"][name]["group"], valid, stale, pending))
         out[dataset] = variants
     return out
+
+
+def _precedence(record: dict[str, Any]) -> tuple[bool, str]:
+    """A finished run over any interim result of the same seed, then the latest."""
+    return not is_interim(record), record["finished"]
+
+
+def is_interim(record: dict[str, Any]) -> bool:
+    return bool(record.get("interim", False))
 
 
 def changed_settings(recorded: dict[str, Any], params: Params, base: dict[str, Any]) -> list[str]:
@@ -227,9 +243,16 @@ def stopped_by_cap(record: dict[str, Any]) -> bool:
     return record["epochs_run"] >= cap and record["epochs_run"] - record["best_epoch"] < patience
 
 
-def cap_note(variants: list[Variant]) -> list[str]:
-    """The lines under a table that explain its † (none when no run was capped)."""
-    return ["", CAPPED_NOTE] if any(stopped_by_cap(r) for v in variants for r in v.records) else []
+def marks(records: list[dict[str, Any]]) -> str:
+    """† when the epoch cap ended a run, ‡ when a run is unfinished (its figures are interim)."""
+    return CAPPED * any(map(stopped_by_cap, records)) + INTERIM * any(map(is_interim, records))
+
+
+def marks_note(variants: list[Variant]) -> list[str]:
+    """The lines under a table that explain its † and ‡ (none when no run is marked)."""
+    shown = marks([r for v in variants for r in v.records])
+    notes = [note for mark, note in ((CAPPED, CAPPED_NOTE), (INTERIM, INTERIM_NOTE)) if mark in shown]
+    return ["", *notes] if notes else []
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:
@@ -250,10 +273,10 @@ def comparison_table(variants: list[Variant], reference: str = "hymoerec") -> li
             continue
         cells = [mean_std(variant.values(metric)) for metric in METRICS]
         best = f"**{variant.label}**" if variant.name == reference else variant.label
-        capped = any(stopped_by_cap(r) for r in variant.records)
+        marked = marks(variant.records)
         cells.append(versus(ref, variant))
-        lines.append(f"| {best}{f' {CAPPED}' * capped} | {len(variant.records)} | " + " | ".join(cells) + " |")
-    return lines + cap_note(variants)
+        lines.append(f"| {best}{f' {marked}' * bool(marked)} | {len(variant.records)} | " + " | ".join(cells) + " |")
+    return lines + marks_note(variants)
 
 
 def versus(ref: Variant | None, variant: Variant) -> str:
@@ -307,9 +330,7 @@ def speed_table(variants: list[Variant]) -> list[str]:
             continue
         per_epoch = [statistics.median(r["epoch_seconds"]) for r in variant.records]
         cpu = [statistics.median(r["epoch_cpu_seconds"]) for r in variant.records if r.get("epoch_cpu_seconds")]
-        epochs = ", ".join(
-            f"{r['epochs_run']} ({r['best_epoch']}){CAPPED * stopped_by_cap(r)}" for r in variant.records
-        )
+        epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']}){marks([r])}" for r in variant.records)
         to_best = mean_std([r["seconds_to_best"] for r in variant.records], digits=0)
         threads = ", ".join(sorted({str(r["torch_threads"]) for r in variant.records}))
         cpu_cell = "–" if not cpu else f"{statistics.mean(cpu):.1f}"
@@ -319,7 +340,7 @@ def speed_table(variants: list[Variant]) -> list[str]:
             f"| {variant.label} | {len(variant.records)} | {statistics.mean(per_epoch):.1f} | {cpu_cell} | {epochs} "
             f"| {to_best} | {threads} |"
         )
-    return lines + cap_note(variants)
+    return lines + marks_note(variants)
 
 
 def search_table(variants: list[Variant]) -> list[str]:
@@ -345,6 +366,11 @@ def status_lines(variants: list[Variant]) -> list[str]:
     for variant in variants:
         if variant.pending:
             lines.append(f"- {variant.label}: seed(s) {', '.join(map(str, variant.pending))} not finished yet")
+        for record in filter(is_interim, variant.records):
+            lines.append(
+                f"- {variant.label} seed {record['seed']}: unfinished, in the tables as an interim result "
+                f"(best validation at epoch {record['best_epoch']} of {record['epochs_run']} trained)"
+            )
         for record in variant.stale:
             lines.append(
                 f"- {variant.label} seed {record['seed']}: finished with other settings (commit "
@@ -385,10 +411,12 @@ def write_report(
     ]
     for dataset, variants in by_dataset.items():
         data = spec["datasets"][dataset]
-        done = sum(len(v.records) for v in variants)
-        planned = done + sum(len(v.pending) for v in variants)
-        lines += [f"## {dataset}", "", f"{data['description']}. {done} of {planned} planned runs finished.", ""]
-        if not done:
+        shown = sum(len(v.records) for v in variants)
+        interim = sum(map(is_interim, (r for v in variants for r in v.records)))
+        planned = shown + sum(len(v.pending) for v in variants)
+        progress = f"{shown - interim} of {planned} planned runs finished" + f", {interim} interim" * bool(interim)
+        lines += [f"## {dataset}", "", f"{data['description']}. {progress}.", ""]
+        if not shown:
             lines += ["No finished run yet.", "", *published_lines(spec, dataset)]
         else:
             lines += dataset_sections(dataset, spec, variants, records_dir, out)
@@ -463,7 +491,8 @@ def target_lines(data: dict[str, Any], main: list[Variant]) -> list[str]:
         else:
             value = statistics.mean(ours.values("ndcg@10"))
             verdict = "met" if value >= goal else "**not met**"
-            lines.append(f"- HyMoERec test NDCG@10 ≥ {goal}: {verdict} ({value:.4f}, {len(ours.records)} seed(s))")
+            seeds = f"{len(ours.records)} seed(s){' ' * bool(marks(ours.records))}{marks(ours.records)}"
+            lines.append(f"- HyMoERec test NDCG@10 ≥ {goal}: {verdict} ({value:.4f}, {seeds})")
     if ours is None or sasrec is None or not ours.records or not sasrec.records:
         lines.append("- HyMoERec above its own SASRec with p < 0.05: not measured yet (both need finished runs)")
     else:

@@ -4,6 +4,9 @@
   the next invocation continues from its last epoch checkpoint. A run whose record exists is skipped.
 * **Parallel without coordination.** Each run is claimed with an exclusive, non-blocking file lock, so starting the
   same command twice (one torch thread each: the fastest use of two cores) splits the plan between two workers.
+* **Interim results.** A run longer than the time a machine is held (ML-1M's slow baselines on two cores) can be
+  evaluated from its last checkpoint's best weights: ``<variant>-seed<k>.interim.json``, marked as unfinished in the
+  report, superseded by the run's record once it finishes.
 * **Nothing lost with a machine.** A finished run writes ``results/<dataset>/<variant>-seed<k>.json`` (committed):
   settings, timings, all metrics and the per-user test NDCG@10 that the significance tests pair. The same record
   is attached to the run's MLflow run (experiment ``study-<dataset>``), which the report reads.
@@ -27,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from filelock import FileLock, Timeout
 
+from pipeline.errors import PipelineError
 from pipeline.io import write_json_atomic
 from pipeline.model.train_log import read_log
 from pipeline.params import Params
@@ -92,7 +96,41 @@ def execute(
         record = make_record(run, params, wall_seconds=time.perf_counter() - started)
         write_json_atomic(record_path, record)
         attach_to_mlflow(params, record)
+        run.interim_record_path(records_dir).unlink(missing_ok=True)  # superseded
         return record_path
+
+
+def record_interim(
+    run: Run, params_file: str | Path = "params.yaml", work_dir: Path = WORK_DIR, records_dir: Path = RECORDS_DIR
+) -> Path | None:
+    """Evaluate an unfinished run's best weights so far and record them as an interim result; returns its path,
+    None when the run has finished or has no checkpoint here. Its worker must be stopped first: the next ``run``
+    resumes from the same checkpoint."""
+    from pipeline.stages import evaluate
+    from pipeline.training.train import TrainOutputs, write_best_so_far
+
+    with claimed(run.folder(work_dir).with_suffix(".lock"), wait=False) as mine:
+        if not mine:
+            raise PipelineError(f"study: {run.dataset} / {run.name} is training in another process; stop it first")
+        params = run_params(run, params_file, work_dir)
+        if run.record_path(records_dir).exists() or not TrainOutputs.under(params.train.model_dir).checkpoint.exists():
+            return None
+        started = time.perf_counter()
+        trained = write_best_so_far(params)
+        evaluate(params)
+        record = make_record(run, params, wall_seconds=time.perf_counter() - started)
+        record["interim"] = True
+        path = run.interim_record_path(records_dir)
+        write_json_atomic(path, record)
+        attach_to_mlflow(params, record)
+        log.info(
+            "study: %s / %s: interim result after %d epochs (best %d)",
+            run.dataset,
+            run.name,
+            trained.epochs_run,
+            trained.best_epoch,
+        )
+        return path
 
 
 def make_record(run: Run, params: Params, wall_seconds: float) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from pipeline.data.layout import PreprocessOutputs, num_items
 from pipeline.data.sequences import eval_split, training_sequences
 from pipeline.device import autocast_dtype, pick_device, setup_distributed
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, PipelineError
 from pipeline.evaluation.metrics import summarise
 from pipeline.evaluation.ranking import rank_split
 from pipeline.io import atomic_path, file_digest, write_json_atomic
@@ -129,6 +129,20 @@ def train(params: Params, on_epoch: EpochCallback | None = None, fingerprint: st
     :func:`run_fingerprint` of ``params`` when the caller has it already (it hashes the training data).
     """
     return Trainer(params, fingerprint).fit(on_epoch)
+
+
+def write_best_so_far(params: Params) -> TrainResult:
+    """``model.pt`` and ``model.json`` from the best weights in an unfinished run's last epoch checkpoint, without
+    training on: a run longer than the time a machine is held can be evaluated as an interim result. Training later
+    resumes from the same checkpoint (``train.resume``) and overwrites these files when it ends."""
+    trainer = Trainer(params)
+    if trainer.state.epoch == 0:
+        raise PipelineError(
+            f"{trainer.outputs.checkpoint}: no epoch checkpoint of this run and data to take weights from "
+            "(train.resume must be on)"
+        )
+    trainer.write_model()
+    return trainer.result()
 
 
 class TrainingLoss(torch.nn.Module):
