@@ -218,6 +218,13 @@ def test_an_unfinished_run_is_an_interim_result_until_it_finishes(
     assert "| **HyMoERec** ‡ | 1 |" in text and INTERIM_NOTE in text and ", 1 seed(s) ‡)" in text  # and the target
     assert "- HyMoERec seed 1: unfinished, in the tables as an interim result (best validation at epoch 1 of 1" in text
 
+    from mlflow import MlflowClient
+
+    runs = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("study-synthetic").experiment_id], "tags.`study.interim` = 'true'"
+    )
+    assert [run.data.tags["study.variant"] for run in runs] == ["hymoerec"]  # told apart in the MLflow UI
+
     assert cli(study, "run", "--variants", "hymoerec", "--seeds", "1") == 0  # resumes after epoch 1
     finished = json.loads((records / "hymoerec-seed1.json").read_text())
     assert finished["epochs_run"] == 2 and "interim" not in finished

@@ -221,4 +221,5 @@ def study_tags(record: dict[str, Any]) -> dict[str, str]:
         "study.group": record["group"],
         "study.seed": str(record["seed"]),
         "study.config_digest": record["config_digest"],
+        **({"study.interim": "true"} if record.get("interim") else {}),  # to tell it apart in the MLflow UI
     }
