@@ -18,6 +18,7 @@ from pipeline.study.report import (
     METRICS,
     Variant,
     comparison_table,
+    precedence,
     speed_table,
     stopped_by_cap,
     versus,
@@ -204,6 +205,9 @@ def test_an_unfinished_run_is_an_interim_result_until_it_finishes(
     assert cli(study, "interim", "--variants", "hymoerec", "sasrec") == 0  # sasrec never started: nothing to take
     records = study / "results" / "synthetic"
     assert [p.name for p in records.glob("*.json")] == ["hymoerec-seed1.interim.json"]
+    recorded = (records / "hymoerec-seed1.interim.json").stat().st_mtime
+    assert cli(study, "interim") == 0  # no epoch trained since: nothing to do again
+    assert (records / "hymoerec-seed1.interim.json").stat().st_mtime == recorded
     interim = json.loads((records / "hymoerec-seed1.interim.json").read_text())
     assert interim["interim"] is True and (interim["epochs_run"], interim["best_epoch"]) == (1, 1)
     # the weights evaluated are the best epoch's: they score validation as training did
@@ -217,6 +221,9 @@ def test_an_unfinished_run_is_an_interim_result_until_it_finishes(
     assert "0 of 6 planned runs finished, 1 interim." in text
     assert "| **HyMoERec** ‡ | 1 |" in text and INTERIM_NOTE in text and ", 1 seed(s) ‡)" in text  # and the target
     assert "- HyMoERec seed 1: unfinished, in the tables as an interim result (best validation at epoch 1 of 1" in text
+    assert re.search(r"\n\| HyMoERec ‡ \| [0-9.]+ \|", text)  # the bucket table
+    speed_row = r"\n\| HyMoERec \| 1 \| [0-9.]+ \| [0-9.]+ \| 1 \(1\)‡ \| [0-9]+ \| – \|"  # threads: unknown
+    assert re.search(speed_row, text)
 
     from mlflow import MlflowClient
 
@@ -231,7 +238,17 @@ def test_an_unfinished_run_is_an_interim_result_until_it_finishes(
     assert not (records / "hymoerec-seed1.interim.json").exists()
     assert cli(study, "report", "--out", str(study / "finished.md")) == 0  # the interim run is in MLflow still
     text = (study / "finished.md").read_text()
-    assert "1 of 6 planned runs finished." in text and "| **HyMoERec** † | 1 |" in text and "‡" not in text
+    tables = text[text.index("## synthetic") :]
+    assert "1 of 6 planned runs finished." in tables and "| **HyMoERec** † | 1 |" in tables and "‡" not in tables
+
+
+def test_the_latest_record_of_a_seed_counts_and_a_finished_one_wins_a_tie() -> None:
+    finished = {"finished": "2026-12-01T10:00:00Z"}
+    interim = {"finished": "2026-12-01T10:00:00Z", "interim": True}
+    rerun_interim = {"finished": "2026-12-03T09:00:00Z", "interim": True}
+    assert max([interim, finished], key=precedence) is finished
+    # an older finished run (stale: its record deleted to rerun it) does not hide the rerun's interim result
+    assert max([finished, rerun_interim], key=precedence) is rerun_interim
 
 
 def test_a_claimed_run_is_skipped_by_a_second_worker(tmp_path: Path) -> None:
@@ -266,7 +283,7 @@ def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyP
     out = study / "RESULTS.md"
     assert cli(study, "report", "--out", str(out)) == 0
     text = out.read_text()
-    # two epochs, each still improving: the cap, not early stopping, ended every run, and the tables say so
+    # a 2-epoch cap within patience 10: the cap, not early stopping, ends every run, and the tables say so
     assert CAPPED_NOTE in text
     hymoerec_row = next(line for line in text.splitlines() if line.startswith("| **HyMoERec** † | 2 |"))
     ndcg = [json.loads(p.read_text())["metrics"]["test"]["ndcg@10"] for p in (study / "results").glob("*/hymoerec*")]
@@ -282,7 +299,7 @@ def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyP
     assert "not finished" not in text and "only on ml-1m" not in text  # all six planned runs are in, no other
     search = text[text.index("### Validation search") :].splitlines()
     assert sum("◀ best" in line for line in search) == 1
-    assert any(line.startswith("| wide experts |") for line in search)
+    assert any(line.startswith("| wide experts † |") for line in search)
 
     # a fresh machine: an empty MLflow store, only the committed records -> the same tables
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{study / 'fresh' / 'mlflow.db'}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.params import ParamsError
-from pipeline.study.plan import RECORDS_DIR, SPEC_FILE, WORK_DIR, load_spec, plan
+from pipeline.study.plan import RECORDS_DIR, SPEC_FILE, WORK_DIR, Run, load_spec, plan
 
 log = logging.getLogger("pipeline.study")
 
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = (
         ("run", "train + evaluate the pending runs"),
         ("status", "list the plan and its state"),
-        ("interim", "evaluate unfinished runs' best weights so far (stop their workers first)"),
+        ("interim", "evaluate unfinished runs' best weights so far (runs being trained are skipped)"),
     )
     for name, help_text in commands:
         command = sub.add_parser(name, help=help_text)
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def run_all(runs: list, args: argparse.Namespace) -> int:
+def run_all(runs: list[Run], args: argparse.Namespace) -> int:
     """Every pending run this worker can claim, in plan order; a failed run is reported and the next one starts."""
     import torch
 
@@ -102,16 +102,23 @@ def run_all(runs: list, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def record_interims(runs: list, args: argparse.Namespace) -> int:
-    """An interim record for every selected run that is unfinished and has a checkpoint under the work dir."""
+def record_interims(runs: list[Run], args: argparse.Namespace) -> int:
+    """An interim record for every selected run that is unfinished, not training and has a checkpoint here."""
     from pipeline.study.runner import record_interim
 
-    recorded = [path for run in runs if (path := record_interim(run, args.params, args.work_dir, args.records))]
-    for path in recorded:
-        log.info("study: interim result recorded in %s", path)
-    if not recorded:
-        log.info("study: no unfinished run with a checkpoint under %s", args.work_dir)
-    return 0
+    recorded, failed = 0, []
+    for run in runs:
+        try:
+            path = record_interim(run, args.params, args.work_dir, args.records)
+        except (PipelineError, OSError, RuntimeError) as err:  # as in run_all: one bad run must not stop the rest
+            log.error("study: %s / %s: no interim result: %s", run.dataset, run.name, err, exc_info=True)
+            failed.append(run)
+            continue
+        if path is not None:
+            recorded += 1
+            log.info("study: interim result recorded in %s", path)
+    log.info("study: %d interim result(s) recorded", recorded)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 Source of truth: the MLflow runs of experiments ``study-<dataset>`` that carry a study record (``study/record.json``,
 attached by the runner). Committed records (``results/``) that the store lacks, e.g. on a fresh machine, are
 imported into it first, so the report is the same wherever it is generated. Per (dataset, variant, seed) the most
-recently finished run counts (an interim result only while no finished run exists); a run whose settings differ
-from what the spec and ``params.yaml`` give today is *stale*: listed with the settings that changed, never averaged
-in.
+recently recorded run counts (an interim result of an unfinished run until the run finishes, which always records
+later); a run whose settings differ from what the spec and ``params.yaml`` give today is *stale*: listed with the
+settings that changed, never averaged in.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ PROTOCOL = """\
 - **Selection**: each run keeps the epoch with the best *validation* NDCG@10 (early stopping, patience 10); test is
   read once, after training. Defaults were chosen on validation only.
 - **Figures**: mean ± sample std over seeds (one seed: the value alone). HR@k, NDCG@k, MRR@k over all test users.
+  A run that could not finish while a machine was held may stand in as an *interim* result (its best validation
+  epoch's weights so far, marked ‡) until it finishes.
 - **Significance**: two-sided Wilcoxon signed-rank test over test users of per-user NDCG@10, HyMoERec against each
   baseline, each model's value averaged over the seeds *both* finished (so a 3-seed model is never set against a
   1-seed one; the Δ beside p is over the same seeds, which are named); zero differences dropped, normal
@@ -71,7 +73,8 @@ PROTOCOL = """\
   p < 0.05.
 - **Settings**: `params.yaml` defaults plus the dataset's and variant's overrides in `pipeline/study/spec.yaml`.
   Every run is an MLflow run of experiment `study-<dataset>` (tags `study.variant`, `study.seed`; its curves, plots
-  and the record these tables read), and a committed record in `results/<dataset>/<variant>-seed<k>.json`.
+  and the record these tables read), and a committed record in `results/<dataset>/<variant>-seed<k>.json`
+  (`<variant>-seed<k>.interim.json` and tag `study.interim` for an interim result).
 """
 
 
@@ -175,7 +178,7 @@ def assemble(
     latest: dict[tuple[str, str, int], dict[str, Any]] = {}
     for record in records:
         key = (record["dataset"], record["variant"], record["seed"])
-        if key not in latest or _precedence(record) > _precedence(latest[key]):
+        if key not in latest or precedence(record) > precedence(latest[key]):
             latest[key] = record
     out: dict[str, list[Variant]] = {}
     for dataset in spec["datasets"]:
@@ -200,9 +203,12 @@ def assemble(
     return out
 
 
-def _precedence(record: dict[str, Any]) -> tuple[bool, str]:
-    """A finished run over any interim result of the same seed, then the latest."""
-    return not is_interim(record), record["finished"]
+def precedence(record: dict[str, Any]) -> tuple[str, bool]:
+    """The latest record; a finished run over an interim result recorded in the same second.
+
+    Not finished-over-interim always: a stale finished run whose record was deleted to rerun it stays in MLflow,
+    and must not hide the rerun's interim result (nor make the report differ from a fresh machine's)."""
+    return record["finished"], not is_interim(record)
 
 
 def is_interim(record: dict[str, Any]) -> bool:
@@ -246,6 +252,12 @@ def stopped_by_cap(record: dict[str, Any]) -> bool:
 def marks(records: list[dict[str, Any]]) -> str:
     """† when the epoch cap ended a run, ‡ when a run is unfinished (its figures are interim)."""
     return CAPPED * any(map(stopped_by_cap, records)) + INTERIM * any(map(is_interim, records))
+
+
+def seeds_marked(records: list[dict[str, Any]]) -> str:
+    """``3 seed(s)``, followed by the records' marks (``1 seed(s) ‡``)."""
+    mark = marks(records)
+    return f"{len(records)} seed(s)" + f" {mark}" * bool(mark)
 
 
 def marks_note(variants: list[Variant]) -> list[str]:
@@ -315,8 +327,9 @@ def bucket_table(variants: list[Variant]) -> list[str]:
             for key, names, _ in BUCKETS
             for name in names
         ]
-        lines.append(f"| {variant.label} | " + " | ".join(cells) + " |")
-    return lines
+        marked = marks(variant.records)
+        lines.append(f"| {variant.label}{f' {marked}' * bool(marked)} | " + " | ".join(cells) + " |")
+    return lines + marks_note(variants)
 
 
 def speed_table(variants: list[Variant]) -> list[str]:
@@ -332,7 +345,8 @@ def speed_table(variants: list[Variant]) -> list[str]:
         cpu = [statistics.median(r["epoch_cpu_seconds"]) for r in variant.records if r.get("epoch_cpu_seconds")]
         epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']}){marks([r])}" for r in variant.records)
         to_best = mean_std([r["seconds_to_best"] for r in variant.records], digits=0)
-        threads = ", ".join(sorted({str(r["torch_threads"]) for r in variant.records}))
+        # an interim record's threads are the evaluating process's, not training's: not shown
+        threads = ", ".join(sorted({str(r["torch_threads"]) for r in variant.records if not is_interim(r)})) or "–"
         cpu_cell = "–" if not cpu else f"{statistics.mean(cpu):.1f}"
         if 0 < len(cpu) < len(per_epoch):
             cpu_cell += f" ({len(cpu)} of the seeds)"
@@ -357,8 +371,9 @@ def search_table(variants: list[Variant]) -> list[str]:
     ]
     for rank, (value, variant, every) in enumerate(sorted(rows, key=lambda row: -row[0])):
         label = f"**{variant.label}** (default)" if variant.name == "hymoerec" else variant.label
+        label += f" {marks(variant.records)}" * bool(marks(variant.records))
         lines.append(f"| {label} | {value:.4f}{' ◀ best' if rank == 0 else ''} | {mean_std(every)} ({len(every)}) |")
-    return lines
+    return lines + marks_note(variants)
 
 
 def status_lines(variants: list[Variant]) -> list[str]:
@@ -372,8 +387,9 @@ def status_lines(variants: list[Variant]) -> list[str]:
                 f"(best validation at epoch {record['best_epoch']} of {record['epochs_run']} trained)"
             )
         for record in variant.stale:
+            state = "unfinished (interim result)" if is_interim(record) else "finished"
             lines.append(
-                f"- {variant.label} seed {record['seed']}: finished with other settings (commit "
+                f"- {variant.label} seed {record['seed']}: {state} with other settings (commit "
                 f"{str(record['git_commit'])[:10]}; {'; '.join(record['changed'][:3])}): stale, not counted"
             )
     return lines
@@ -422,7 +438,7 @@ def write_report(
             lines += dataset_sections(dataset, spec, variants, records_dir, out)
         pending = status_lines(variants)
         if pending:
-            lines += ["### Not yet in the tables", "", *pending, ""]
+            lines += ["### Unfinished and stale runs", "", *pending, ""]
     write_bytes_atomic(out, ("\n".join(lines).rstrip() + "\n").encode())
     log.info("report: wrote %s", out)
     return out
@@ -491,17 +507,16 @@ def target_lines(data: dict[str, Any], main: list[Variant]) -> list[str]:
         else:
             value = statistics.mean(ours.values("ndcg@10"))
             verdict = "met" if value >= goal else "**not met**"
-            seeds = f"{len(ours.records)} seed(s){' ' * bool(marks(ours.records))}{marks(ours.records)}"
-            lines.append(f"- HyMoERec test NDCG@10 ≥ {goal}: {verdict} ({value:.4f}, {seeds})")
+            lines.append(f"- HyMoERec test NDCG@10 ≥ {goal}: {verdict} ({value:.4f}, {seeds_marked(ours.records)})")
     if ours is None or sasrec is None or not ours.records or not sasrec.records:
-        lines.append("- HyMoERec above its own SASRec with p < 0.05: not measured yet (both need finished runs)")
+        lines.append("- HyMoERec above its own SASRec with p < 0.05: not measured yet (both need runs)")
     else:
         delta = statistics.mean(ours.values("ndcg@10")) - statistics.mean(sasrec.values("ndcg@10"))
         p = wilcoxon_p(*paired(ours, sasrec)[:2])
         verdict = "met" if delta > 0 and p < SIGNIFICANCE else "**not met**"
         lines.append(
             f"- HyMoERec above its own SASRec with p < {SIGNIFICANCE}: {verdict} (Δ NDCG@10 {delta:+.4f}, "
-            f"p {format_p(p)}, {len(ours.records)} and {len(sasrec.records)} seed(s))"
+            f"p {format_p(p)}, {len(ours.records)} and {seeds_marked(sasrec.records)})"
         )
     return lines
 

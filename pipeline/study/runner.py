@@ -30,7 +30,6 @@ import pyarrow.parquet as pq
 import torch
 from filelock import FileLock, Timeout
 
-from pipeline.errors import PipelineError
 from pipeline.io import write_json_atomic
 from pipeline.model.train_log import read_log
 from pipeline.params import Params
@@ -86,6 +85,7 @@ def execute(
         if not mine:
             return None
         if record_path.exists():  # finished by another worker meanwhile
+            run.interim_record_path(records_dir).unlink(missing_ok=True)
             return record_path
         prepare_data(run, params_file, work_dir)
         params = run_params(run, params_file, work_dir)
@@ -95,32 +95,40 @@ def execute(
         evaluate(params)
         record = make_record(run, params, wall_seconds=time.perf_counter() - started)
         write_json_atomic(record_path, record)
-        attach_to_mlflow(params, record)
         run.interim_record_path(records_dir).unlink(missing_ok=True)  # superseded
+        attach_to_mlflow(params, record)
         return record_path
 
 
 def record_interim(
     run: Run, params_file: str | Path = "params.yaml", work_dir: Path = WORK_DIR, records_dir: Path = RECORDS_DIR
 ) -> Path | None:
-    """Evaluate an unfinished run's best weights so far and record them as an interim result; returns its path,
-    None when the run has finished or has no checkpoint here. Its worker must be stopped first: the next ``run``
-    resumes from the same checkpoint."""
+    """Evaluate an unfinished run's best weights so far and record them as an interim result; returns its path.
+
+    None, with nothing done, when the run has finished, has no checkpoint here, is training in another process (stop
+    its worker first: the next ``run`` resumes from the same checkpoint) or has an interim record of its last epoch.
+    """
     from pipeline.stages import evaluate
     from pipeline.training.train import TrainOutputs, write_best_so_far
 
+    path = run.interim_record_path(records_dir)
     with claimed(run.folder(work_dir).with_suffix(".lock"), wait=False) as mine:
         if not mine:
-            raise PipelineError(f"study: {run.dataset} / {run.name} is training in another process; stop it first")
+            log.warning("study: %s / %s is training in another process: stop it first", run.dataset, run.name)
+            return None
         params = run_params(run, params_file, work_dir)
-        if run.record_path(records_dir).exists() or not TrainOutputs.under(params.train.model_dir).checkpoint.exists():
+        trained_so_far = TrainOutputs.under(params.train.model_dir)
+        if run.record_path(records_dir).exists() or not trained_so_far.checkpoint.exists():
+            return None
+        if path.exists() and json.loads(path.read_text())["epochs_run"] == len(read_log(trained_so_far.log)):
+            log.info("study: %s / %s: the interim result of its last epoch is recorded already", run.dataset, run.name)
             return None
         started = time.perf_counter()
         trained = write_best_so_far(params)
         evaluate(params)
         record = make_record(run, params, wall_seconds=time.perf_counter() - started)
-        record["interim"] = True
-        path = run.interim_record_path(records_dir)
+        # torch_threads would be this evaluation's, not the training's (unknown here)
+        record.update(interim=True, torch_threads=None)
         write_json_atomic(path, record)
         attach_to_mlflow(params, record)
         log.info(
@@ -134,7 +142,8 @@ def record_interim(
 
 
 def make_record(run: Run, params: Params, wall_seconds: float) -> dict[str, Any]:
-    """Everything the report needs from one finished run, small enough to commit (~15 kB on Beauty)."""
+    """Everything the report needs from one run, small enough to commit (~15 kB on Beauty): a finished one, or an
+    interim result of an unfinished one (then ``finished`` is when it was recorded)."""
     from pipeline.data.layout import DownloadOutputs
     from pipeline.evaluation.evaluate import EvaluateOutputs
     from pipeline.training.train import TrainOutputs
@@ -221,5 +230,5 @@ def study_tags(record: dict[str, Any]) -> dict[str, str]:
         "study.group": record["group"],
         "study.seed": str(record["seed"]),
         "study.config_digest": record["config_digest"],
-        **({"study.interim": "true"} if record.get("interim") else {}),  # to tell it apart in the MLflow UI
+        "study.interim": str(bool(record.get("interim"))).lower(),  # an interim result, told apart in the MLflow UI
     }

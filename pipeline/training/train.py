@@ -138,8 +138,8 @@ def write_best_so_far(params: Params) -> TrainResult:
     trainer = Trainer(params)
     if trainer.state.epoch == 0:
         raise PipelineError(
-            f"{trainer.outputs.checkpoint}: no epoch checkpoint of this run and data to take weights from "
-            "(train.resume must be on)"
+            f"{trainer.outputs.checkpoint}: no usable epoch checkpoint (missing, written for other parameters or "
+            "data, or train.resume is off): nothing to take weights from; training will start this run afresh"
         )
     trainer.write_model()
     return trainer.result()
