@@ -227,9 +227,10 @@ def test_an_unfinished_run_is_an_interim_result_until_it_finishes(
 
     from mlflow import MlflowClient
 
-    runs = MlflowClient().search_runs(
-        [MlflowClient().get_experiment_by_name("study-synthetic").experiment_id], "tags.`study.interim` = 'true'"
-    )
+    # the study's own store, explicitly: an earlier test may have left mlflow's global tracking URI on a stopped server
+    client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("study-synthetic").experiment_id
+    runs = client.search_runs([experiment], "tags.`study.interim` = 'true'")
     assert [run.data.tags["study.variant"] for run in runs] == ["hymoerec"]  # told apart in the MLflow UI
 
     assert cli(study, "run", "--variants", "hymoerec", "--seeds", "1") == 0  # resumes after epoch 1
