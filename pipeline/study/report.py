@@ -254,10 +254,10 @@ def marks(records: list[dict[str, Any]]) -> str:
     return CAPPED * any(map(stopped_by_cap, records)) + INTERIM * any(map(is_interim, records))
 
 
-def seeds_marked(records: list[dict[str, Any]]) -> str:
-    """``3 seed(s)``, followed by the records' marks (``1 seed(s) ‡``)."""
+def with_marks(text: str, records: list[dict[str, Any]]) -> str:
+    """``text`` followed by the records' marks, if any (``NARM ‡``, ``1 seed(s) ‡``)."""
     mark = marks(records)
-    return f"{len(records)} seed(s)" + f" {mark}" * bool(mark)
+    return f"{text} {mark}" if mark else text
 
 
 def marks_note(variants: list[Variant]) -> list[str]:
@@ -285,9 +285,8 @@ def comparison_table(variants: list[Variant], reference: str = "hymoerec") -> li
             continue
         cells = [mean_std(variant.values(metric)) for metric in METRICS]
         best = f"**{variant.label}**" if variant.name == reference else variant.label
-        marked = marks(variant.records)
         cells.append(versus(ref, variant))
-        lines.append(f"| {best}{f' {marked}' * bool(marked)} | {len(variant.records)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {with_marks(best, variant.records)} | {len(variant.records)} | " + " | ".join(cells) + " |")
     return lines + marks_note(variants)
 
 
@@ -327,8 +326,7 @@ def bucket_table(variants: list[Variant]) -> list[str]:
             for key, names, _ in BUCKETS
             for name in names
         ]
-        marked = marks(variant.records)
-        lines.append(f"| {variant.label}{f' {marked}' * bool(marked)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {with_marks(variant.label, variant.records)} | " + " | ".join(cells) + " |")
     return lines + marks_note(variants)
 
 
@@ -370,8 +368,9 @@ def search_table(variants: list[Variant]) -> list[str]:
         "|---|---:|---:|",
     ]
     for rank, (value, variant, every) in enumerate(sorted(rows, key=lambda row: -row[0])):
-        label = f"**{variant.label}** (default)" if variant.name == "hymoerec" else variant.label
-        label += f" {marks(variant.records)}" * bool(marks(variant.records))
+        label = with_marks(
+            f"**{variant.label}** (default)" if variant.name == "hymoerec" else variant.label, variant.records
+        )
         lines.append(f"| {label} | {value:.4f}{' ◀ best' if rank == 0 else ''} | {mean_std(every)} ({len(every)}) |")
     return lines + marks_note(variants)
 
@@ -507,16 +506,18 @@ def target_lines(data: dict[str, Any], main: list[Variant]) -> list[str]:
         else:
             value = statistics.mean(ours.values("ndcg@10"))
             verdict = "met" if value >= goal else "**not met**"
-            lines.append(f"- HyMoERec test NDCG@10 ≥ {goal}: {verdict} ({value:.4f}, {seeds_marked(ours.records)})")
+            seeds = with_marks(f"{len(ours.records)} seed(s)", ours.records)
+            lines.append(f"- HyMoERec test NDCG@10 ≥ {goal}: {verdict} ({value:.4f}, {seeds})")
     if ours is None or sasrec is None or not ours.records or not sasrec.records:
         lines.append("- HyMoERec above its own SASRec with p < 0.05: not measured yet (both need runs)")
     else:
         delta = statistics.mean(ours.values("ndcg@10")) - statistics.mean(sasrec.values("ndcg@10"))
         p = wilcoxon_p(*paired(ours, sasrec)[:2])
         verdict = "met" if delta > 0 and p < SIGNIFICANCE else "**not met**"
+        seeds = with_marks(f"{len(sasrec.records)} seed(s)", sasrec.records)
         lines.append(
             f"- HyMoERec above its own SASRec with p < {SIGNIFICANCE}: {verdict} (Δ NDCG@10 {delta:+.4f}, "
-            f"p {format_p(p)}, {len(ours.records)} and {seeds_marked(sasrec.records)})"
+            f"p {format_p(p)}, {len(ours.records)} and {seeds})"
         )
     return lines
 
