@@ -16,6 +16,7 @@ from pipeline.study.report import (
     CAPPED_NOTE,
     INTERIM_NOTE,
     METRICS,
+    ON_GPU_NOTE,
     Variant,
     comparison_table,
     precedence,
@@ -150,6 +151,35 @@ def test_the_speed_table_reads_records_from_before_cpu_time_was_logged() -> None
     assert old_row.split(" | ")[3] == "–"
     assert mixed_row.split(" | ")[3] == "8.5 (1 of the seeds)"
     assert new_row.split(" | ")[2:4] == ["11.0", "8.5"]
+
+
+def test_a_run_trained_on_a_gpu_is_marked_and_its_times_are_not_read_as_this_cpus() -> None:
+    def record(seed: int, device: str) -> dict:
+        return {
+            "seed": seed,
+            "device": device,
+            "epochs_run": 2,
+            "best_epoch": 1,
+            "epoch_seconds": [1.0, 1.0] if device == "cuda" else [10.0, 12.0],
+            "epoch_cpu_seconds": [30.0, 30.0] if device == "cuda" else [8.0, 9.0],  # a GPU run's host threads
+            "seconds_to_best": 10.0,
+            "torch_threads": 16 if device == "cuda" else 2,
+            "metrics": {"test": dict.fromkeys(METRICS, 0.1)},
+            "per_user_test": encode_per_user(np.arange(10), np.linspace(0, 1, 10, dtype=np.float32)),
+        }
+
+    cpu = Variant("hymoerec", "HyMoERec", "main", [record(1, "cpu")], [], [])
+    gpu = Variant("mamba4rec", "Mamba4Rec", "main", [record(1, "cuda")], [], [])
+    mixed = Variant("sasrec", "SASRec", "main", [record(1, "cpu"), record(2, "cuda")], [], [])
+    table = comparison_table([cpu, gpu, mixed])
+    assert table[3].startswith("| Mamba4Rec § | 1 |") and table[4].startswith("| SASRec § | 2 |")
+    assert table[2].startswith("| **HyMoERec** | 1 |") and table[-1] == ON_GPU_NOTE
+    speed = speed_table([cpu, gpu, mixed])
+    cells = [row.split(" | ") for row in speed[2:5]]
+    assert [c[3] for c in cells] == ["8.5", "–", "8.5 (1 of the seeds)"]  # a GPU run's host CPU time is not shown
+    assert [c[4] for c in cells] == ["2 (1)", "2 (1)§", "2 (1), 2 (1)§"]
+    assert [c[6].rstrip(" |") for c in cells] == ["2", "GPU", "2, GPU"]
+    assert "§" not in "".join(comparison_table([cpu]))
 
 
 def test_a_run_that_the_epoch_cap_ended_is_marked_in_the_tables() -> None:

@@ -56,6 +56,11 @@ INTERIM_NOTE = (
     "epochs it could train in the time a machine was held (`python -m pipeline.study interim`); its finished run "
     "replaces it."
 )
+ON_GPU = "§"
+ON_GPU_NOTE = (
+    f"{ON_GPU} at least one seed was trained on a CUDA GPU, not this 2-core CPU: the same code, settings and data, "
+    "with the default `train.amp` (bf16 autocast on CUDA; float32 on the CPU); its epoch times are the GPU's."
+)
 PROTOCOL = """\
 - **Split**: chronological leave-one-out per user (last event = test, second to last = validation, the rest
   trains), users and items with fewer than 5 events removed (5-core).
@@ -66,6 +71,8 @@ PROTOCOL = """\
 - **Figures**: mean ± sample std over seeds (one seed: the value alone). HR@k, NDCG@k, MRR@k over all test users.
   A run that could not finish while a machine was held may stand in as an *interim* result (its best validation
   epoch's weights so far, marked ‡) until it finishes.
+- **Hardware**: the reference machine's 2 CPU cores (float32), except runs marked §, which a lent CUDA GPU trained
+  with the same code and settings (bf16 autocast there, `train.amp`).
 - **Significance**: two-sided Wilcoxon signed-rank test over test users of per-user NDCG@10, HyMoERec against each
   baseline, each model's value averaged over the seeds *both* finished (so a 3-seed model is never set against a
   1-seed one; the Δ beside p is over the same seeds, which are named); zero differences dropped, normal
@@ -250,8 +257,17 @@ def stopped_by_cap(record: dict[str, Any]) -> bool:
 
 
 def marks(records: list[dict[str, Any]]) -> str:
-    """† when the epoch cap ended a run, ‡ when a run is unfinished (its figures are interim)."""
-    return CAPPED * any(map(stopped_by_cap, records)) + INTERIM * any(map(is_interim, records))
+    """† when the epoch cap ended a run, ‡ when a run is unfinished (its figures are interim), § when a run was
+    trained on a GPU."""
+    return (
+        CAPPED * any(map(stopped_by_cap, records))
+        + INTERIM * any(map(is_interim, records))
+        + ON_GPU * any(map(trained_on_gpu, records))
+    )
+
+
+def trained_on_gpu(record: dict[str, Any]) -> bool:
+    return str(record.get("device", "cpu")).startswith("cuda")
 
 
 def with_marks(text: str, records: list[dict[str, Any]]) -> str:
@@ -261,9 +277,10 @@ def with_marks(text: str, records: list[dict[str, Any]]) -> str:
 
 
 def marks_note(variants: list[Variant]) -> list[str]:
-    """The lines under a table that explain its † and ‡ (none when no run is marked)."""
+    """The lines under a table that explain its marks (none when no run is marked)."""
     shown = marks([r for v in variants for r in v.records])
-    notes = [note for mark, note in ((CAPPED, CAPPED_NOTE), (INTERIM, INTERIM_NOTE)) if mark in shown]
+    explained = ((CAPPED, CAPPED_NOTE), (INTERIM, INTERIM_NOTE), (ON_GPU, ON_GPU_NOTE))
+    notes = [note for mark, note in explained if mark in shown]
     return ["", *notes] if notes else []
 
 
@@ -340,11 +357,14 @@ def speed_table(variants: list[Variant]) -> list[str]:
         if not variant.records:
             continue
         per_epoch = [statistics.median(r["epoch_seconds"]) for r in variant.records]
-        cpu = [statistics.median(r["epoch_cpu_seconds"]) for r in variant.records if r.get("epoch_cpu_seconds")]
+        cpu = [
+            statistics.median(r["epoch_cpu_seconds"])
+            for r in variant.records
+            if r.get("epoch_cpu_seconds") and not trained_on_gpu(r)  # a GPU run's host time is no CPU figure
+        ]
         epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']}){marks([r])}" for r in variant.records)
         to_best = mean_std([r["seconds_to_best"] for r in variant.records], digits=0)
-        # an interim record's threads are the evaluating process's, not training's: not shown
-        threads = ", ".join(sorted({str(r["torch_threads"]) for r in variant.records if not is_interim(r)})) or "–"
+        threads = threads_cell(variant.records)
         cpu_cell = "–" if not cpu else f"{statistics.mean(cpu):.1f}"
         if 0 < len(cpu) < len(per_epoch):
             cpu_cell += f" ({len(cpu)} of the seeds)"
@@ -353,6 +373,13 @@ def speed_table(variants: list[Variant]) -> list[str]:
             f"| {to_best} | {threads} |"
         )
     return lines + marks_note(variants)
+
+
+def threads_cell(records: list[dict[str, Any]]) -> str:
+    """The torch threads the runs trained with; an interim record's are the evaluating process's (not shown) and a
+    GPU run's do not matter (``GPU``)."""
+    shown = {"GPU" if trained_on_gpu(r) else str(r["torch_threads"]) for r in records if not is_interim(r)}
+    return ", ".join(sorted(shown)) or "–"
 
 
 def search_table(variants: list[Variant]) -> list[str]:
