@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -25,6 +27,7 @@ from pipeline.model.base import next_item_ce, score_items
 from pipeline.model.config import MambaConfig, NARMConfig
 from pipeline.model.mamba4rec import fused_scan_available, selective_scan
 from pipeline.model.moe import FeedForward, load_balance
+from tests.conftest import REPO_ROOT
 
 IMPLEMENTATIONS = ("loop", "dense", "grouped")
 ROUTER_INPUTS = ("hidden", "hidden_item", "hidden_item_user")
@@ -867,3 +870,25 @@ def test_dropout_keeps_the_expected_share_and_scales() -> None:
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # the gradient passes the same mask and scale
     assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
+
+
+def test_build_model_imports_only_the_kind_it_builds() -> None:
+    """Without mambapy (the lent GPU's image) every other kind still builds; Mamba4Rec says what is missing."""
+    script = """
+import importlib.abc, sys
+class NoMambapy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "mambapy":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, NoMambapy())
+from pipeline.model import ModelConfig, build_model
+for kind in ("hymoerec", "gru4rec", "bert4rec", "narm"):
+    assert build_model(ModelConfig(kind=kind, max_seq_len=8), 20).num_items == 20
+try:
+    build_model(ModelConfig(kind="mamba4rec", max_seq_len=8), 20)
+except ModuleNotFoundError as err:
+    print("mamba4rec:", err)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "mamba4rec: No module named 'mambapy'"

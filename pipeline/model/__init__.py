@@ -35,6 +35,13 @@ _HOMES = {
     "BERT4Rec": "transformer",
     "HyMoERec": "transformer",
 }
+_KINDS = {
+    "hymoerec": "HyMoERec",
+    "bert4rec": "BERT4Rec",
+    "gru4rec": "GRU4Rec",
+    "narm": "NARM",
+    "mamba4rec": "Mamba4Rec",
+}
 
 __all__ = [
     "BERT4Rec",
@@ -60,12 +67,9 @@ def __getattr__(name: str) -> Any:
 
 
 def build_model(cfg: ModelConfig, num_items: int) -> SequentialRecommender:
-    """Validate ``cfg`` and build the model it names for items 1..num_items (0 = padding)."""
-    from pipeline.model.gru4rec import GRU4Rec
-    from pipeline.model.mamba4rec import Mamba4Rec
-    from pipeline.model.narm import NARM
-    from pipeline.model.transformer import BERT4Rec, HyMoERec
+    """Validate ``cfg`` and build the model it names for items 1..num_items (0 = padding).
 
+    Only the named kind's module is imported: a machine without Mamba4Rec's ``mambapy`` (a GPU image, say) still
+    trains the others."""
     cfg.validate()
-    kinds = {"hymoerec": HyMoERec, "bert4rec": BERT4Rec, "gru4rec": GRU4Rec, "narm": NARM, "mamba4rec": Mamba4Rec}
-    return kinds[cfg.kind](cfg, num_items)
+    return __getattr__(_KINDS[cfg.kind])(cfg, num_items)
