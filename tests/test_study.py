@@ -19,6 +19,7 @@ from pipeline.study.report import (
     ON_GPU_NOTE,
     Variant,
     comparison_table,
+    marks,
     precedence,
     speed_table,
     stopped_by_cap,
@@ -174,12 +175,20 @@ def test_a_run_trained_on_a_gpu_is_marked_and_its_times_are_not_read_as_this_cpu
     table = comparison_table([cpu, gpu, mixed])
     assert table[3].startswith("| Mamba4Rec § | 1 |") and table[4].startswith("| SASRec § | 2 |")
     assert table[2].startswith("| **HyMoERec** | 1 |") and table[-1] == ON_GPU_NOTE
+    # the speed table never averages a GPU's seconds with the CPU's: GPU seeds get a row of their own
     speed = speed_table([cpu, gpu, mixed])
-    cells = [row.split(" | ") for row in speed[2:5]]
-    assert [c[3] for c in cells] == ["8.5", "–", "8.5 (1 of the seeds)"]  # a GPU run's host CPU time is not shown
-    assert [c[4] for c in cells] == ["2 (1)", "2 (1)§", "2 (1), 2 (1)§"]
-    assert [c[6].rstrip(" |") for c in cells] == ["2", "GPU", "2, GPU"]
+    cells = [row.split(" | ") for row in speed[2:6]]
+    assert [c[0] for c in cells] == ["| HyMoERec", "| Mamba4Rec (GPU)", "| SASRec", "| SASRec (GPU)"]
+    assert [c[2] for c in cells] == ["11.0", "1.0", "11.0", "1.0"]
+    assert [c[3] for c in cells] == ["8.5", "–", "8.5", "–"]  # a GPU run's host CPU time is not shown
+    assert [c[4] for c in cells] == ["2 (1)", "2 (1)§", "2 (1)", "2 (1)§"]
+    assert [c[6] for c in cells] == ["2 |", "GPU |", "2 |", "GPU |"]
     assert "§" not in "".join(comparison_table([cpu]))
+    # a record from before devices were recorded counts as the CPU's; the marks keep their order
+    older = {k: v for k, v in record(1, "cpu").items() if k != "device"}
+    assert marks([older]) == ""
+    interim_gpu = {**record(1, "cuda"), "interim": True, "settings": {"train.epochs": 2, "train.patience": 10}}
+    assert marks([interim_gpu]) == "†‡§"
 
 
 def test_a_run_that_the_epoch_cap_ended_is_marked_in_the_tables() -> None:

@@ -58,8 +58,9 @@ INTERIM_NOTE = (
 )
 ON_GPU = "§"
 ON_GPU_NOTE = (
-    f"{ON_GPU} at least one seed was trained on a CUDA GPU, not this 2-core CPU: the same code, settings and data, "
-    "with the default `train.amp` (bf16 autocast on CUDA; float32 on the CPU); its epoch times are the GPU's."
+    f"{ON_GPU} at least one seed was trained (its last part, if resumed) on a CUDA GPU, not the reference machine's "
+    "CPU: the same code, settings and data, with the default `train.amp` (bf16 autocast on CUDA; float32 on the CPU). "
+    "Training times of GPU runs have rows of their own."
 )
 PROTOCOL = """\
 - **Split**: chronological leave-one-out per user (last event = test, second to last = validation, the rest
@@ -348,38 +349,40 @@ def bucket_table(variants: list[Variant]) -> list[str]:
 
 
 def speed_table(variants: list[Variant]) -> list[str]:
+    """Epoch times and time to the best epoch; a variant's GPU-trained seeds get a row of their own (their seconds
+    would mean nothing averaged with the CPU's)."""
     lines = [
         "| model | seeds | s / epoch (median) | CPU s / epoch (median) | epochs run (best) | s to best validation "
         "| torch threads |",
         "|---|---|---|---|---|---|---|",
     ]
     for variant in variants:
-        if not variant.records:
-            continue
-        per_epoch = [statistics.median(r["epoch_seconds"]) for r in variant.records]
-        cpu = [
-            statistics.median(r["epoch_cpu_seconds"])
-            for r in variant.records
-            if r.get("epoch_cpu_seconds") and not trained_on_gpu(r)  # a GPU run's host time is no CPU figure
-        ]
-        epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']}){marks([r])}" for r in variant.records)
-        to_best = mean_std([r["seconds_to_best"] for r in variant.records], digits=0)
-        threads = threads_cell(variant.records)
-        cpu_cell = "–" if not cpu else f"{statistics.mean(cpu):.1f}"
-        if 0 < len(cpu) < len(per_epoch):
-            cpu_cell += f" ({len(cpu)} of the seeds)"
-        lines.append(
-            f"| {variant.label} | {len(variant.records)} | {statistics.mean(per_epoch):.1f} | {cpu_cell} | {epochs} "
-            f"| {to_best} | {threads} |"
-        )
+        for on_gpu in (False, True):
+            records = [r for r in variant.records if trained_on_gpu(r) == on_gpu]
+            if records:
+                lines.append(speed_row(f"{variant.label} (GPU)" if on_gpu else variant.label, records, on_gpu))
     return lines + marks_note(variants)
 
 
+def speed_row(label: str, records: list[dict[str, Any]], on_gpu: bool) -> str:
+    per_epoch = [statistics.median(r["epoch_seconds"]) for r in records]
+    # a GPU run's host CPU time is no CPU figure; records from before CPU time was logged lack it
+    cpu = [] if on_gpu else [statistics.median(r["epoch_cpu_seconds"]) for r in records if r.get("epoch_cpu_seconds")]
+    epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']}){marks([r])}" for r in records)
+    to_best = mean_std([r["seconds_to_best"] for r in records], digits=0)
+    cpu_cell = "–" if not cpu else f"{statistics.mean(cpu):.1f}"
+    if 0 < len(cpu) < len(per_epoch):
+        cpu_cell += f" ({len(cpu)} of the seeds)"
+    threads = "GPU" if on_gpu else threads_cell(records)
+    return (
+        f"| {label} | {len(records)} | {statistics.mean(per_epoch):.1f} | {cpu_cell} | {epochs} | {to_best} "
+        f"| {threads} |"
+    )
+
+
 def threads_cell(records: list[dict[str, Any]]) -> str:
-    """The torch threads the runs trained with; an interim record's are the evaluating process's (not shown) and a
-    GPU run's do not matter (``GPU``)."""
-    shown = {"GPU" if trained_on_gpu(r) else str(r["torch_threads"]) for r in records if not is_interim(r)}
-    return ", ".join(sorted(shown)) or "–"
+    """The torch threads CPU runs trained with; an interim record's are the evaluating process's (not shown)."""
+    return ", ".join(sorted({str(r["torch_threads"]) for r in records if not is_interim(r)})) or "–"
 
 
 def search_table(variants: list[Variant]) -> list[str]:
@@ -501,8 +504,9 @@ def dataset_sections(
         lines += [
             "### Validation search",
             "",
-            "Every HyMoERec setting tried, one change from the defaults at a time, by validation NDCG@10 (the",
-            "figure the defaults are chosen by; test is not read). The ablations above double as search points.",
+            "Every setting tried, one change from HyMoERec's defaults at a time, by validation NDCG@10 (the",
+            "figure the defaults are chosen by; test is not read)."
+            + (" The ablations above double as search points." if any(v.group == "ablation" for v in screened) else ""),
             "",
             *search_table(reference + screened),
             "",
