@@ -6,11 +6,17 @@
 #
 #   JOBS="beauty mamba4rec 3,ml-1m hymoerec 2" OUT=/tmp/out bash benchmarks/gpu_study.sh
 #
-# JOBS: comma-separated "<dataset> <variant> <seed>" (pipeline/study/spec.yaml). What travels with the working tree,
-# git-ignored through .git/info/exclude: wheels the image lacks in .whl/ (e.g. `pip download --no-deps
-# --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl tenacity mambapy==1.2.0`),
-# installed into /tmp/site without an index, and the data mirror in shared/datasets/ (HYMOE_DATA_MIRROR).
-# PYTHON picks the interpreter (default python3). Records: $OUT/records/<dataset>/, logs: $OUT/<job>.log.
+# JOBS: comma-separated "<dataset> <variant> <seed>" (pipeline/study/spec.yaml). The image may lack wheels and data:
+# put the wheels in .whl/ (e.g. `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
+# manylinux_2_17_x86_64 -d .whl tenacity mambapy==1.2.0`; they are installed into /tmp/site without an index) and
+# the data mirror in shared/datasets/ (or set HYMOE_DATA_MIRROR). Both stay out of git (.git/info/exclude), so an
+# ignored .whl/ must be carried to the machine explicitly (the device tool's `carry`); shared/ goes along by itself.
+# PYTHON picks the interpreter (default python3).
+#
+# Output: the records in $OUT/records/<dataset>/<variant>-seed<k>.json, the logs in $OUT/<dataset>-<variant>-
+# seed<k>.log. The records folder starts empty (in /tmp), so a run already in results/ is trained again, and its
+# record has the same name as the committed one: copy into results/ only the runs that results/ lacks (a second
+# device's rerun of a finished run belongs in benchmarks/gpu_runs/, as in BENCHMARKS.md §2i).
 set -u
 
 OUT="${OUT:-/tmp/gpu_study}"
@@ -42,6 +48,6 @@ for job in "${jobs[@]}"; do
     [ "$rc" -eq 0 ] || failed=1
     grep -a "test HR\|rror" "$log" | tail -3
     mkdir -p "$OUT/records/$dataset"
-    cp /tmp/gpu_study_records/"$dataset"/*.json "$OUT/records/$dataset/" 2> /dev/null
+    cp /tmp/gpu_study_records/"$dataset/$variant-seed$seed".json "$OUT/records/$dataset/" 2> /dev/null
 done
 exit "$failed"
