@@ -66,6 +66,9 @@ class SyntheticParams:
     n_items: int = 1000
     mean_events_per_user: float = 40.0
     n_categories: int = 20
+    chain_fraction: float = 0.4
+    loyal_fraction: float = 0.4
+    noisy_fraction: float = 0.2
     seed: int = 0
 
 

@@ -427,6 +427,34 @@ def test_narm_ranks_from_the_last_position_alone_as_from_the_whole_encoding(monk
         torch.testing.assert_close(model.score_next(ids), expected)
 
 
+@pytest.mark.parametrize(
+    "kind,moe,router_input,dense_branch",
+    [
+        ("hymoerec", False, "hidden", True),
+        *(("hymoerec", True, r, True) for r in ROUTER_INPUTS),
+        ("hymoerec", True, "hidden", False),
+        ("bert4rec", False, "hidden", True),
+        ("bert4rec", True, "hidden_item_user", True),
+    ],
+)
+def test_transformers_rank_from_the_top_blocks_last_position_alone(
+    kind: str, moe: bool, router_input: str, dense_branch: bool
+) -> None:
+    """Ranking runs the top block's attention and FFN for the last position only: the same hidden state and scores
+    as the last row of the full ``encode`` (rows of every length, an empty one included; each routing kernel)."""
+    torch.manual_seed(0)
+    cfg = without_dropout(small_cfg(kind, moe, router_input=router_input, dense_branch=dense_branch))
+    model = build_model(cfg, num_items=50).eval()
+    ids = random_batch(B=4, L=12)
+    with torch.no_grad():
+        for impl in IMPLEMENTATIONS if moe else ("auto",):
+            cfg.moe.implementation = impl  # the config every HybridMoE of the model reads
+            torch.testing.assert_close(model.encode_last(ids), model.encode(ids)[0][:, -1], atol=1e-6, rtol=1e-5)
+        if kind == "hymoerec":
+            expected = model.bias_history(score_items(model.encode(ids)[0][:, -1], model.item_emb.weight, 50), ids)
+            torch.testing.assert_close(model.score_next(ids), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("length", [1, 5, 16, 37])
 def test_parallel_scan_matches_the_sequential_reference(length: int) -> None:
     """Forward and gradients of the parallel (mambapy) scan equal the step-by-step recurrence (float64)."""

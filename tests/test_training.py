@@ -126,6 +126,7 @@ def test_train_and_evaluate_stage(tmp_path: Path, data_root: Path, kind: str, mo
     if moe:
         shares = np.asarray(load["by_history_length"])
         assert shares.shape == (1, 3, 4) and np.allclose(shares.sum(-1), 1.0)
+        check_routing_information(params, load["information"])
     else:
         assert load["layers"] == 0
     for png in (reports.curves_png, reports.buckets_png, reports.experts_png):
@@ -133,6 +134,42 @@ def test_train_and_evaluate_stage(tmp_path: Path, data_root: Path, kind: str, mo
     per_user = pq.read_table(reports.per_user)
     assert per_user.num_rows == users
     assert np.mean(per_user["ndcg@10"].to_numpy()) == pytest.approx(metrics["test"]["ndcg@10"])
+
+
+def check_routing_information(params: Any, information: dict[str, Any]) -> None:
+    """Every real test token's K experts are counted once under its target's popularity bucket and (synthetic data)
+    under its user's generated kind; the mutual information lies between 0 and the label's entropy."""
+    from pipeline.data.sequences import eval_split
+    from pipeline.data.synthetic import SEGMENTS, SyntheticConfig, generate_interactions
+
+    splits = PreprocessOutputs.under(params.preprocess.processed_dir)
+    test = eval_split(pq.read_table(splits.test), params.model.max_seq_len)
+    tokens_per_user = (test.inputs > 0).sum(1)
+    _, users = generate_interactions(SyntheticConfig(**vars(params.data.synthetic)))
+    segment = dict(zip(users["user_id"].to_pylist(), users["segment"].to_pylist(), strict=True))
+    raw = pq.read_table(splits.user_map).to_pydict()
+    raw_of = dict(zip(raw["user_id"], raw["raw_user_id"], strict=True))
+    K = params.model.moe.top_k
+    expected = [K * int(tokens_per_user[[segment[raw_of[u]] == s for u in test.users]].sum()) for s in SEGMENTS]
+    kind = information["user_kind"]
+    assert np.asarray(kind["counts"])[0].sum(1).tolist() == expected
+    target = np.asarray(information["target_popularity"]["counts"])
+    assert target.shape == (1, 3, 4) and target.sum() == K * tokens_per_user.sum()
+    for table in (kind, information["target_popularity"]):
+        assert all(0.0 <= mi <= table["label_entropy_bits"] + 1e-9 for mi in table["mi_bits"])
+
+
+def test_mutual_information_of_a_routing_table() -> None:
+    """0 bits when the experts ignore the label, H(label) when they reveal it, in between otherwise."""
+    from pipeline.evaluation.evaluate import entropy_bits, mutual_information_bits
+
+    assert mutual_information_bits(np.outer([1, 3], [2, 5, 1])) == pytest.approx(0.0, abs=1e-12)
+    revealing = np.array([[8, 0, 0, 0], [0, 0, 2, 2]])
+    label_entropy = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert entropy_bits(revealing.sum(1)) == pytest.approx(label_entropy)
+    assert mutual_information_bits(revealing) == pytest.approx(label_entropy)
+    assert 0.0 < mutual_information_bits(np.array([[5, 1], [1, 5]])) < 1.0
+    assert mutual_information_bits(np.zeros((2, 3))) == 0.0
 
 
 def test_exclude_seen_is_applied_and_reported(tmp_path: Path, data_root: Path) -> None:

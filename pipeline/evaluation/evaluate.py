@@ -11,6 +11,7 @@ the training interactions), and the MoE expert load per layer per bucket, with P
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -119,7 +121,15 @@ def evaluate(params: Params) -> EvaluateResult:
             "selection": "best validation NDCG@10",
         },
     }
-    load = expert_load(model, test, user_bucket, item_bucket_of, params.train.eval_batch_size, device)
+    load = expert_load(
+        model,
+        test,
+        user_bucket,
+        item_bucket_of,
+        params.train.eval_batch_size,
+        device,
+        user_kind=synthetic_user_kinds(params, splits.user_map, test.users),
+    )
     write_json_atomic(outputs.metrics, metrics)
     write_json_atomic(outputs.expert_load, load)
     columns = {
@@ -178,6 +188,40 @@ def bucket_metrics(per_user: dict[str, np.ndarray], bucket: np.ndarray, names: t
     return result
 
 
+def synthetic_user_kinds(params: Params, user_map: Path, users: np.ndarray) -> np.ndarray | None:
+    """Each evaluated user's ground-truth kind (index into ``SEGMENTS``) on synthetic data; None on real data.
+
+    The generator is seeded, so the segments are regenerated from the same settings rather than stored."""
+    if params.data.dataset != "synthetic":
+        return None
+    from pipeline.data.synthetic import SEGMENTS, SyntheticConfig, generate_interactions
+
+    _, generated = generate_interactions(SyntheticConfig(**dataclasses.asdict(params.data.synthetic)))
+    kind_of_raw = dict(
+        zip(generated["user_id"].to_pylist(), map(SEGMENTS.index, generated["segment"].to_pylist()), strict=True)
+    )
+    ids = pq.read_table(user_map)
+    kind_of_id = np.zeros(int(pc.max(ids["user_id"]).as_py()) + 1, dtype=np.int64)
+    kind_of_id[ids["user_id"].to_numpy()] = [kind_of_raw[int(raw)] for raw in ids["raw_user_id"].to_pylist()]
+    return kind_of_id[users]
+
+
+def mutual_information_bits(joint: np.ndarray) -> float:
+    """I(label; expert) in bits from a ``[labels, experts]`` count table (0 when the table is empty)."""
+    total = joint.sum()
+    if total == 0:
+        return 0.0
+    p = joint / total
+    expected = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
+    nonzero = p > 0
+    return float((p[nonzero] * np.log2(p[nonzero] / expected[nonzero])).sum())
+
+
+def entropy_bits(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / max(counts.sum(), 1)
+    return float(-(p * np.log2(p)).sum())
+
+
 @torch.no_grad()
 def expert_load(
     model: SequentialRecommender,
@@ -186,35 +230,66 @@ def expert_load(
     item_bucket_of: np.ndarray,
     batch_size: int,
     device: torch.device,
+    user_kind: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Share of top-K assignments per expert, per layer, per user bucket and per input-item popularity bucket."""
+    """Where the experts' top-K assignments go, per layer: shares per user bucket and per input-item popularity
+    bucket, and how much the routes tell about a label (``information``).
+
+    Labels: the popularity bucket of the token's *target* (the item that follows it; the test item after the last
+    position) and, on synthetic data, the user's ground-truth kind. Each of a token's K chosen experts counts once
+    in a ``[label, expert]`` table; its mutual information I(label; expert) in bits, beside H(label), says how
+    much the routing knows about the label (0: the experts ignore it).
+    """
     probe = model.routing(torch.from_numpy(split.inputs[:1]).to(device))
     if probe is None:
         return {"layers": 0}
     n_layers, n_experts = len(probe), int(model.cfg.moe.num_experts)  # routing is only non-None with MoE
     by_user = np.zeros((n_layers, len(USER_BUCKETS), n_experts))
     by_item = np.zeros((n_layers, len(ITEM_BUCKETS), n_experts))
+    by_target = np.zeros((n_layers, len(ITEM_BUCKETS), n_experts), dtype=np.int64)
+    by_kind = np.zeros((n_layers, int(user_kind.max(initial=0)) + 1 if user_kind is not None else 0, n_experts))
     for start in range(0, len(split), batch_size):
         inputs = torch.from_numpy(split.inputs[start : start + batch_size]).to(device)
         routes = model.routing(inputs)
         items = split.inputs[start : start + batch_size]
-        token_item_bucket = item_bucket_of[items]  # [B, L]
-        token_user_bucket = np.broadcast_to(user_bucket[start : start + batch_size, None], items.shape)
+        # inputs are left-padded, so every real position but the last is followed by a real item
+        following = np.concatenate([items[:, 1:], split.targets[start : start + batch_size, None]], axis=1)
+        labels = {
+            "user": (by_user, np.broadcast_to(user_bucket[start : start + batch_size, None], items.shape)),
+            "item": (by_item, item_bucket_of[items]),
+            "target": (by_target, item_bucket_of[following]),
+        }
+        if user_kind is not None:
+            labels["kind"] = (by_kind, np.broadcast_to(user_kind[start : start + batch_size, None], items.shape))
         for layer, route in enumerate(routes):
             experts = route.cpu().numpy()  # [B, L, K], -1 at padding
             real = experts >= 0
             e = experts[real]
-            np.add.at(by_user[layer], (np.repeat(token_user_bucket[..., None], experts.shape[-1], -1)[real], e), 1)
-            np.add.at(by_item[layer], (np.repeat(token_item_bucket[..., None], experts.shape[-1], -1)[real], e), 1)
+            for table, label in labels.values():
+                np.add.at(table[layer], (np.repeat(label[..., None], experts.shape[-1], -1)[real], e), 1)
 
     def shares(table: np.ndarray) -> list[list[list[float]]]:
         return (table / np.maximum(table.sum(-1, keepdims=True), 1)).round(5).tolist()
 
-    return {
+    def information(table: np.ndarray, names: list[str]) -> dict[str, Any]:
+        return {
+            "labels": names,
+            "counts": table.astype(np.int64).tolist(),
+            "mi_bits": [round(mutual_information_bits(layer), 5) for layer in table],
+            "label_entropy_bits": round(entropy_bits(table[0].sum(1)), 5),
+        }
+
+    result = {
         "layers": n_layers,
         "experts": n_experts,
         "user_buckets": list(USER_BUCKETS),
         "item_buckets": list(ITEM_BUCKETS),
         "by_history_length": shares(by_user),
         "by_item_popularity": shares(by_item),
+        "information": {"target_popularity": information(by_target, list(ITEM_BUCKETS))},
     }
+    if user_kind is not None:
+        from pipeline.data.synthetic import SEGMENTS
+
+        result["information"]["user_kind"] = information(by_kind, list(SEGMENTS[: by_kind.shape[1]]))
+    return result

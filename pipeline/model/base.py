@@ -33,7 +33,13 @@ class LossOutput:
     loss: Tensor  # total = ce + lb, what to backpropagate
     ce: Tensor  # next-item (or cloze) cross-entropy, mean over predicted positions
     lb: Tensor  # 0-dim load-balance loss summed over layers; 0.0 without MoE
-    stats: dict[str, float] = field(default_factory=dict)  # alpha, usage entropy, load fractions per layer
+    auxes: list[MoEAux] = field(default_factory=list)  # per-layer routing statistics (MoE only)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Loggable floats per layer (alpha, usage entropy, load fractions), computed when read: a trainer that
+        logs one step an epoch pays for one, and a GPU step never waits for the host on their account."""
+        return moe_stats(self.auxes)
 
 
 class SequentialRecommender(nn.Module):
@@ -279,7 +285,7 @@ def unique_per_row(ids: Tensor) -> Tensor:
 
 def make_loss_output(ce: Tensor, auxes: list[MoEAux]) -> LossOutput:
     lb = torch.stack([a.lb for a in auxes]).sum() if auxes else torch.zeros((), device=ce.device)
-    return LossOutput(loss=ce + lb, ce=ce, lb=lb, stats=moe_stats(auxes))
+    return LossOutput(loss=ce + lb, ce=ce, lb=lb, auxes=auxes)
 
 
 @torch.no_grad()

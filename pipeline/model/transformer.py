@@ -38,12 +38,16 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.attn_dropout = attn_dropout
 
-    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor, last_only: bool = False) -> Tensor:
+        """``[B, L, d]``, or with ``last_only`` the last position's output alone ``[B, 1, d]`` (its query against
+        every key: what ranking reads from the top block, L times less attention)."""
         B, L, d = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if last_only:
+            q, attn_mask = q[:, :, -1:], attn_mask[:, :, -1:]
         dropout = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        return self.proj(y.transpose(1, 2).reshape(B, L, d))
+        return self.proj(y.transpose(1, 2).reshape(B, q.shape[2], d))
 
 
 class Block(nn.Module):
@@ -70,10 +74,15 @@ class Block(nn.Module):
         router_ctx: Tensor | None,
         step: Tensor,
         return_topk: bool = False,
+        last_only: bool = False,
     ) -> tuple[Tensor, MoEAux | None]:
-        """``tokens`` are the flat indices of the real positions; ``router_ctx`` is already packed to them."""
+        """``tokens`` are the flat indices of the real positions; ``router_ctx`` is already packed to them.
+
+        ``last_only``: the block's output at the last position alone, ``[B, 1, d]`` (``tokens`` and ``router_ctx``
+        then index the rows whose last position is real): the attention and the FFN run for that position only.
+        """
+        x = (x[:, -1:] if last_only else x) + self.drop(self.attn(self.ln1(x), attn_mask, last_only))
         B, L, d = x.shape
-        x = x + self.drop(self.attn(self.ln1(x), attn_mask))
         flat = x.reshape(B * L, d)
         x_real = flat.index_select(0, tokens)
         h = self.ln2(x_real)
@@ -149,6 +158,15 @@ class TransformerRecommender(SequentialRecommender):
                     module.weight[module.padding_idx].zero_()
 
     def encode(self, input_ids: Tensor, *, return_topk: bool = False) -> tuple[Tensor, list[MoEAux]]:
+        return self._encode(input_ids, return_topk=return_topk, last_only=False)
+
+    def encode_last(self, input_ids: Tensor) -> Tensor:
+        """The last position's hidden state ``[B, d]``: every block but the top one runs on all positions (their
+        keys and values feed the top block), the top block's attention and FFN on the last position alone."""
+        hidden, _ = self._encode(input_ids, return_topk=False, last_only=True)
+        return hidden[:, -1]
+
+    def _encode(self, input_ids: Tensor, *, return_topk: bool, last_only: bool) -> tuple[Tensor, list[MoEAux]]:
         input_ids = input_ids[:, -self.max_seq_len :]
         B, L = input_ids.shape
         real = input_ids > 0
@@ -156,25 +174,30 @@ class TransformerRecommender(SequentialRecommender):
         item = self.item_emb(input_ids)
         positions = torch.arange(self.max_seq_len - L, self.max_seq_len, device=input_ids.device)
         x = self.drop(item + self.pos_emb(positions)) * real.unsqueeze(-1).to(item.dtype)
-        router_ctx = self._router_context(input_ids, item, tokens)
+        context = self._router_context(input_ids, item)
+        router_ctx = None if context is None else context.flatten(0, 1).index_select(0, tokens)
         mask = attention_mask(real, self.causal)
         auxes = []
-        for block in self.blocks:
-            x, aux = block(x, mask, tokens, router_ctx, self.train_step, return_topk)
+        for i, block in enumerate(self.blocks):
+            if last_only and i == len(self.blocks) - 1:
+                tokens = real[:, -1].nonzero().squeeze(1)  # rows (of B x 1) whose last position holds an item
+                router_ctx = None if context is None else context[:, -1].index_select(0, tokens)
+                x, aux = block(x, mask, tokens, router_ctx, self.train_step, return_topk, last_only=True)
+            else:
+                x, aux = block(x, mask, tokens, router_ctx, self.train_step, return_topk)
             if aux is not None:
                 auxes.append(aux)
         return self.ln_f(x), auxes
 
-    def _router_context(self, input_ids: Tensor, item: Tensor, tokens: Tensor) -> Tensor | None:
-        """Extra router input per real token: the item embedding (item-aware), plus the user context."""
+    def _router_context(self, input_ids: Tensor, item: Tensor) -> Tensor | None:
+        """Extra router input per position ``[B, L, c]``: the item embedding (item-aware), plus the user context."""
         if self.router_input in (None, "hidden"):
             return None
         parts = [item]
         if self.router_input == "hidden_item_user":
             is_item = (input_ids > 0) & (input_ids <= self.num_items)  # BERT4Rec's [MASK] carries no item
             parts.append(causal_user_context(item, is_item))
-        ctx = torch.cat(parts, dim=-1)
-        return ctx.flatten(0, 1).index_select(0, tokens)
+        return torch.cat(parts, dim=-1)
 
     @torch.no_grad()
     def routing(self, input_ids: Tensor) -> list[Tensor] | None:
@@ -241,5 +264,5 @@ class BERT4Rec(TransformerRecommender):
 
     def score_next(self, input_ids: Tensor) -> Tensor:
         mask_col = torch.full_like(input_ids[:, :1], self.mask_id)
-        hidden, _ = self.encode(torch.cat([input_ids, mask_col], dim=1))
-        return score_items(hidden[:, -1], self.item_emb.weight, self.num_items)
+        hidden = self.encode_last(torch.cat([input_ids, mask_col], dim=1))
+        return score_items(hidden, self.item_emb.weight, self.num_items)

@@ -280,8 +280,9 @@ class Trainer:
             self.lengths, cfg.batch_size, cfg.seed, epoch, cfg.length_buckets, self.rank, self.world
         )
         model.train()
-        totals = {"loss": 0.0, "ce": 0.0, "lb": 0.0}
-        last_stats: dict[str, float] = {}
+        # running sums stay on the device: one host sync per epoch, not three per step (a GPU step never waits)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        out = None
         self._epoch_started = _now()  # epoch_seconds: the steps and the validation, as before the Trainer
         self._epoch_cpu_started = time.process_time()
         # a bar only on a terminal (disable=None): captured into a log (Airflow, nohup) it would be noise
@@ -308,17 +309,18 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             state.step += 1
-            for key, value in (("loss", out.loss), ("ce", out.ce), ("lb", out.lb)):
-                totals[key] += float(value.detach())
-            last_stats = out.stats
-            bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
+            totals += torch.stack([v.detach().to(totals.dtype) for v in (out.loss, out.ce, out.lb)])
+            if not bar.disable:  # a terminal is watching: its loss is worth a sync
+                bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
         n_batches = max(1, len(batches))
+        loss, ce, lb = (totals / n_batches).tolist()
+        last_stats = out.stats if out is not None else {}  # the epoch's last step, as logged before
         return {
             "epoch": epoch + 1,
             "step": state.step,
-            "train_loss": totals["loss"] / n_batches,
-            "ce_loss": totals["ce"] / n_batches,
-            "lb_loss": totals["lb"] / n_batches,
+            "train_loss": loss,
+            "ce_loss": ce,
+            "lb_loss": lb,
             "usage_entropy": _layer_mean(last_stats, "usage_entropy"),
             "alpha": _layer_mean(last_stats, "alpha"),
             "history_bias": float(model.history_bias.detach()) if model.history_bias is not None else float("nan"),
