@@ -81,19 +81,33 @@ def test_the_project_spec_plans_the_issue_table() -> None:
     spec = load_spec()
     beauty = plan(spec, "beauty")
     main_runs = [(r.variant, r.seed) for r in beauty if r.group == "main"]
-    models = ("hymoerec", "sasrec", "gru4rec", "narm", "bert4rec", "mamba4rec")
-    assert sorted(main_runs) == sorted((m, s) for m in models for s in (1, 2, 3))
+    baselines = ("gru4rec", "narm", "bert4rec", "mamba4rec", "flop-matched")
+    five = [(m, s) for m in ("hymoerec", "sasrec") for s in (1, 2, 3, 4, 5)]  # issue 26: the main claim, 5 seeds
+    assert sorted(main_runs) == sorted(five + [(m, s) for m in baselines for s in (1, 2, 3)])
     assert [r.seed for r in beauty if r.group == "main"] == sorted(r.seed for r in beauty if r.group == "main")
     assert {r.variant for r in beauty if r.group == "ablation"} >= {"no-dense", "no-warmup", "no-balance", "top-1"}
     ml = [r for r in plan(spec, "ml-1m") if r.group == "main"]
     assert {(r.variant, len([x for x in ml if x.variant == r.variant])) for r in ml} == {
-        ("hymoerec", 3),
-        ("sasrec", 3),
-        ("gru4rec", 1),
-        ("narm", 1),
-        ("bert4rec", 1),
-        ("mamba4rec", 1),
+        ("hymoerec", 5),
+        ("sasrec", 5),
+        ("flop-matched", 3),
+        ("gru4rec", 3),
+        ("narm", 3),
+        ("bert4rec", 3),
+        ("mamba4rec", 3),
     }
+    flop = run_params(next(r for r in ml if r.variant == "flop-matched"), REPO_ROOT / "params.yaml").model
+    # dense + the K chosen experts cost SASRec's FFN: the same hidden units per token
+    assert flop.moe.dense_hidden + flop.moe.top_k * flop.moe.expert_hidden == flop.ffn_hidden
+    searched = {r.variant for r in plan(spec, "ml-1m") if r.group == "search"}
+    for knob in ("hidden-128", "layers-3", "lr-0.0005", "lr-0.002", "dropout-0.1", "dropout-0.3", "batch-128"):
+        assert {knob, f"sasrec-{knob}"} <= searched  # HyMoERec and SASRec each get their best
+    levels = [d for d, data in spec["datasets"].items() if "heterogeneity" in data]
+    assert sorted(spec["datasets"][d]["heterogeneity"] for d in levels) == [1, 2, 3]
+    for dataset in levels:
+        assert {(r.variant, r.seed) for r in plan(spec, dataset)} == {
+            (m, s) for m in ("hymoerec", "sasrec") for s in (1, 2, 3)
+        }
     assert not [r for r in plan(spec, "ml-1m") if r.group == "ablation"]  # ablations are Beauty-only
     assert {r.seed for r in plan(spec, "beauty") if r.group == "search"} == {1}  # the screen: one seed
     params = run_params(next(r for r in ml if r.variant == "sasrec"), REPO_ROOT / "params.yaml")
@@ -103,7 +117,7 @@ def test_the_project_spec_plans_the_issue_table() -> None:
         "study",
     )
     for run in (r for r in beauty if r.group == "main" and r.seed == 1):  # a baseline is its published network
-        label = spec["variants"][run.variant]["label"]
+        label = spec["variants"][run.variant]["label"].split(",")[0]  # "HyMoERec, FLOP-matched": a HyMoERec
         assert run_params(run, REPO_ROOT / "params.yaml").model.display_name == label, run.variant
     ablation = run_params(next(r for r in beauty if r.variant == "no-dense"), REPO_ROOT / "params.yaml")
     assert ablation.model.uses_moe and not ablation.model.moe.dense_branch and ablation.model.dropout == 0.5
@@ -334,6 +348,8 @@ def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyP
     assert "- HyMoERec above its own SASRec with p < 0.05: " in text
     assert "| pure sparse | 1 |" in text and "| Elsewhere | 0.5000 | 0.2500 | – | a paper |" in text
     assert "![synthetic-buckets](results/plots/synthetic-buckets.png)" in text
+    routes = next(line for line in text.splitlines() if line.startswith("| HyMoERec | 2 | "))  # 2 seeds measured
+    assert re.fullmatch(r"\| HyMoERec \| 2 \| \d\.\d{3} of \d\.\d\d \|", routes)  # one layer in TINY_MODEL
     assert (study / "results" / "plots" / "synthetic-buckets.png").stat().st_size > 1000
     assert (study / "results" / "plots" / "synthetic-experts-seed1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "not finished" not in text and "only on ml-1m" not in text  # all six planned runs are in, no other
@@ -365,3 +381,47 @@ def test_study_runs_records_and_reports(study: Path, monkeypatch: pytest.MonkeyP
         path.write_text(json.dumps(record))
     assert cli(study, "report", "--out", str(study / "older.md")) == 0
     assert "finished with other settings" not in (study / "older.md").read_text()
+
+
+def test_the_heterogeneity_levels_get_one_section_with_the_gain_and_what_the_routes_know(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Datasets marked ``heterogeneity`` are the controlled experiment: one section for all levels (not a section
+    each), HyMoERec against SASRec per level, I(experts; user kind) where the users are of several kinds, a plot."""
+    base = TINY_SPEC["datasets"]["synthetic"]["overrides"]
+    kinds = {1: (1.0, 0.0, 0.0), 2: (0.5, 0.5, 0.0)}
+    spec = {
+        **TINY_SPEC,
+        "datasets": {
+            f"synthetic-{k}": {
+                "description": f"{k} kind(s)",
+                "heterogeneity": k,
+                "overrides": {
+                    **base,
+                    **dict(zip([f"data.synthetic.{s}_fraction" for s in ("chain", "loyal", "noisy")], mix, strict=True)),
+                },
+                "seeds": [1],
+            }
+            for k, mix in kinds.items()
+        },
+        "groups": {"main": {"datasets": ["synthetic-1", "synthetic-2"], "title": "Comparison"}},
+        "variants": {k: TINY_SPEC["variants"][k] for k in ("hymoerec", "sasrec")},
+        "published": {},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    assert cli(tmp_path, "run", "--threads", "1") == 0
+    mixed = json.loads((tmp_path / "results" / "synthetic-2" / "hymoerec-seed1.json").read_text())
+    kind = mixed["expert_load"]["information"]["user_kind"]
+    assert kind["labels"] == ["chain", "loyal"] and 0.9 < kind["label_entropy_bits"] <= 1.0  # about half each
+    assert cli(tmp_path, "report", "--out", str(tmp_path / "RESULTS.md")) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## synthetic-1" not in text and "## synthetic-2" not in text
+    section = text[text.index("## Where the experts help") :]
+    rows = [line for line in section.splitlines() if re.match(r"\| [12] \| 1 / 1 \|", line)]
+    assert len(rows) == 2
+    one_kind, two_kinds = rows
+    assert "| 0.000 of 0.00 |" in one_kind  # one kind of user: nothing for the routes to know
+    assert re.search(r"\| \d\.\d{3} of (0\.9\d|1\.00) \|", two_kinds)  # what the routes know of the user's kind
+    assert re.search(r"[+-]\d\.\d{4}, p (= [0-9.e-]+|< 1e-4)", two_kinds)  # the paired gain over SASRec
+    assert (tmp_path / "results" / "plots" / "heterogeneity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
