@@ -390,6 +390,7 @@ def test_the_heterogeneity_levels_get_one_section_with_the_gain_and_what_the_rou
     each), HyMoERec against SASRec per level, I(experts; user kind) where the users are of several kinds, a plot."""
     base = TINY_SPEC["datasets"]["synthetic"]["overrides"]
     kinds = {1: (1.0, 0.0, 0.0), 2: (0.5, 0.5, 0.0)}
+    fractions = [f"data.synthetic.{s}_fraction" for s in ("chain", "loyal", "noisy")]
     spec = {
         **TINY_SPEC,
         "datasets": {
@@ -398,7 +399,7 @@ def test_the_heterogeneity_levels_get_one_section_with_the_gain_and_what_the_rou
                 "heterogeneity": k,
                 "overrides": {
                     **base,
-                    **dict(zip([f"data.synthetic.{s}_fraction" for s in ("chain", "loyal", "noisy")], mix, strict=True)),
+                    **dict(zip(fractions, mix, strict=True)),
                 },
                 "seeds": [1],
             }
