@@ -136,6 +136,7 @@ STAGES: dict[str, Stage] = {
                 "evaluate",
                 "mlflow",
                 "data.dataset",  # experiment and registered-model names
+                "data.synthetic",  # the generated users' kinds, which the routing analysis reads on synthetic data
                 "model.kind",  # the served model's requirements and a back-filled run's name
                 "model.moe.enabled",
                 "data.interim_dir",  # the source checksums tagged on a back-filled run
