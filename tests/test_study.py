@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.params import load_params
 from pipeline.study.__main__ import main
-from pipeline.study.plan import load_spec, plan, run_params
+from pipeline.study.plan import config_digest, load_spec, plan, resolved_settings, run_params
 from pipeline.study.report import (
     CAPPED_NOTE,
     INTERIM_NOTE,
@@ -121,6 +122,17 @@ def test_the_project_spec_plans_the_issue_table() -> None:
         assert run_params(run, REPO_ROOT / "params.yaml").model.display_name == label, run.variant
     ablation = run_params(next(r for r in beauty if r.variant == "no-dense"), REPO_ROOT / "params.yaml")
     assert ablation.model.uses_moe and not ablation.model.moe.dense_branch and ablation.model.dropout == 0.5
+
+
+def test_make_run_is_the_study_run_of_a_results_row() -> None:
+    """``make run`` (``dvc repro`` on params.yaml) trains exactly the study's Beauty HyMoERec run of seed 1: every
+    setting that can change a result agrees, so the same seed gives that RESULTS.md row's record."""
+    spec = load_spec()
+    run = next(r for r in plan(spec, "beauty") if r.variant == "hymoerec" and r.seed == 1)
+    defaults = load_params(REPO_ROOT / "params.yaml")
+    assert defaults.train.seed == run.seed
+    assert resolved_settings(defaults) == resolved_settings(run_params(run, REPO_ROOT / "params.yaml"))
+    assert config_digest(defaults) == config_digest(run_params(run, REPO_ROOT / "params.yaml"))
 
 
 def test_per_user_values_round_trip_and_the_test_is_paired() -> None:
