@@ -118,6 +118,26 @@ def test_moe_paths_agree(dtype: torch.dtype, lb_type: str, num_tokens: int) -> N
             torch.testing.assert_close(grads[name], ref[3][name], **tol, msg=f"{impl}: grad of {name}")
 
 
+def test_grouped_kernel_runs_the_experts_as_grouped_gemms_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU the grouped kernel is two grouped GEMMs over the sorted rows (no padded buffer, no host sync);
+    widths that are not whole 16-byte rows fall back to the padded batched matmul, with the same result."""
+    from pipeline.model import moe
+
+    calls = []
+    real = moe.F.grouped_mm
+    monkeypatch.setattr(moe.F, "grouped_mm", lambda *a, **k: calls.append(k["offs"].tolist()) or real(*a, **k))
+    torch.manual_seed(0)
+    for d, used in ((16, True), (6, False)):
+        calls.clear()
+        layer = HybridMoE(d, MoEConfig(num_experts=4, top_k=2, expert_hidden=8, dense_hidden=8))
+        x = torch.randn(11, d)
+        grouped, _ = layer(x, step=10, implementation="grouped")
+        torch.testing.assert_close(grouped, layer(x, step=10, implementation="loop")[0])
+        assert bool(calls) == used
+        if used:  # offsets end where each expert's rows end: every (token, slot) pair exactly once
+            assert calls[0] == calls[1] and calls[0][-1] == 11 * 2
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_moe_expert_dropout(impl: str) -> None:
     """Expert activations are dropped in training only; null takes the dense branch's rate."""

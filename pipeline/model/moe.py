@@ -14,8 +14,8 @@ kernels can share the same parameters and be compared exactly:
 * ``loop``    reference: for each expert that received tokens, gather its rows, run it, ``index_add`` back;
 * ``dense``   run every expert on every token as two plain GEMMs over the concatenated experts and weight by a
               gate matrix that is zero off the top-K (E/K times the FLOPs, but no gathers or host syncs);
-* ``grouped`` sort (token, slot) pairs by expert into a zero-padded ``[E, capacity, d]`` buffer, two batched
-              matmuls for all experts, un-permute.
+* ``grouped`` sort (token, slot) pairs by expert, two grouped GEMMs over the experts' contiguous rows (CPU;
+              a zero-padded ``[E, capacity, d]`` buffer and batched matmuls elsewhere), un-permute.
 
 The layer works on *real tokens only*: callers pass the packed non-padding rows ``[N, d]``.  That is how padding
 is kept out of the balance statistics (and out of the compute; in recommendation most positions are padding).
@@ -226,26 +226,39 @@ class HybridMoE(nn.Module):
         return torch.addmm(gate_mat.to(hid.dtype) @ self.b2.to(hid.dtype), hid, self.w2.reshape(E * h, d))
 
     def _grouped(self, x: Tensor, top_i: Tensor, gates: Tensor) -> Tensor:
-        """Sort (token, slot) pairs by expert into one ``[E, capacity, d]`` buffer, two batched matmuls, un-permute.
+        """Sort the (token, slot) pairs by expert, run every expert on its contiguous rows, un-permute.
 
-        Each expert's rows are padded with zeros to the busiest expert's count (capacity), so all experts run in
-        one ``baddbmm`` per layer of the FFN instead of one small matmul each (and the backward needs no per-expert
-        slice of the stacked weights). Balanced routing wastes a few padded rows; a collapsed router costs what the
-        dense kernel does.
+        On the CPU (float32 / bf16, widths of whole 16-byte rows) the experts are one ``grouped_mm`` per layer of the FFN over the sorted rows,
+        split at the experts' offsets (megablocks style): no padding, no host sync, and the backward yields the
+        stacked weights' gradients at once. Elsewhere (CUDA's grouped GEMM wants Hopper and bf16; float64 checks)
+        each expert's rows are zero-padded to the busiest expert's count into one ``[E, capacity, d]`` buffer for
+        a ``baddbmm``, at the cost of one host sync and of the padding (balanced routing pads little; the skewed
+        routing a trained model has, most expert near 1.5x the mean, pads a third of the buffer).
         """
         N, d = x.shape
         K, E = self.top_k, self.num_experts
         flat_e = top_i.flatten()
         order = torch.argsort(flat_e, stable=True)
         counts = torch.bincount(flat_e, minlength=E)
-        capacity = int(counts.max())  # one host sync per layer
         sorted_e = flat_e.index_select(0, order)
-        slot = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts).index_select(0, sorted_e)
-        row = sorted_e * capacity + slot  # where each sorted pair sits in the padded buffer
-        padded = x.new_zeros(E * capacity, d).index_copy(0, row, x.index_select(0, order // K))
-        hid = self.expert_drop(self.act(torch.baddbmm(self.b1.unsqueeze(1), padded.view(E, capacity, d), self.w1)))
-        out = torch.baddbmm(self.b2.unsqueeze(1).to(hid.dtype), hid, self.w2.to(hid.dtype)).view(E * capacity, d)
-        y = out.index_select(0, row) * gates.flatten()[order].unsqueeze(1).to(out.dtype)
+        rows = x.index_select(0, order // K)
+        h = self.w1.shape[-1]
+        aligned = all(width * x.element_size() % 16 == 0 for width in (d, h))  # grouped_mm's row-stride rule
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and aligned:
+            offsets = counts.cumsum(0).to(torch.int32)
+            weights1, weights2 = self.w1.to(x.dtype), self.w2.to(x.dtype)
+            hid = F.grouped_mm(rows, weights1, offs=offsets) + self.b1.to(x.dtype).index_select(0, sorted_e)
+            hid = self.expert_drop(self.act(hid))
+            out = F.grouped_mm(hid, weights2, offs=offsets) + self.b2.to(x.dtype).index_select(0, sorted_e)
+        else:
+            capacity = int(counts.max())  # one host sync per layer
+            slot = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts).index_select(0, sorted_e)
+            row = sorted_e * capacity + slot  # where each sorted pair sits in the padded buffer
+            padded = x.new_zeros(E * capacity, d).index_copy(0, row, rows)
+            hid = self.expert_drop(self.act(torch.baddbmm(self.b1.unsqueeze(1), padded.view(E, capacity, d), self.w1)))
+            out = torch.baddbmm(self.b2.unsqueeze(1).to(hid.dtype), hid, self.w2.to(hid.dtype)).view(E * capacity, d)
+            out = out.index_select(0, row)
+        y = out * gates.flatten()[order].unsqueeze(1).to(out.dtype)
         # inverse permutation as a gather (no atomics: deterministic on every device)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
