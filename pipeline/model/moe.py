@@ -228,12 +228,12 @@ class HybridMoE(nn.Module):
     def _grouped(self, x: Tensor, top_i: Tensor, gates: Tensor) -> Tensor:
         """Sort the (token, slot) pairs by expert, run every expert on its contiguous rows, un-permute.
 
-        On the CPU (float32 / bf16, widths of whole 16-byte rows) the experts are one ``grouped_mm`` per layer of the FFN over the sorted rows,
-        split at the experts' offsets (megablocks style): no padding, no host sync, and the backward yields the
-        stacked weights' gradients at once. Elsewhere (CUDA's grouped GEMM wants Hopper and bf16; float64 checks)
-        each expert's rows are zero-padded to the busiest expert's count into one ``[E, capacity, d]`` buffer for
-        a ``baddbmm``, at the cost of one host sync and of the padding (balanced routing pads little; the skewed
-        routing a trained model has, most expert near 1.5x the mean, pads a third of the buffer).
+        On the CPU (float32 / bf16, widths of whole 16-byte rows) the experts are one ``grouped_mm`` per layer of
+        the FFN over the sorted rows, split at the experts' offsets (megablocks style): no padding, no host sync,
+        and the backward yields the stacked weights' gradients at once. Elsewhere (CUDA's grouped GEMM wants
+        Hopper and bf16; float64 checks) each expert's rows are zero-padded to the busiest expert's count into one
+        ``[E, capacity, d]`` buffer for a ``baddbmm``, at the cost of one host sync and of the padding (balanced
+        routing pads little; a trained model's skewed routing, its busiest expert near 1.5x the mean, pads a third).
         """
         N, d = x.shape
         K, E = self.top_k, self.num_experts
