@@ -36,6 +36,8 @@ VARIANTS = {
     "sasrec-bf16": {"model.kind": "hymoerec", "model.moe.enabled": False, "train.cpu_amp": True},
     # the study's dense-width-128 search point: a dense branch half SASRec's FFN width, so dense + experts ~ its FLOPs
     "hymoerec-dense128": {"model.kind": "hymoerec", "model.moe.enabled": True, "model.moe.dense_hidden": 128},
+    # the same network under its study name (issue 26): dense 128 + top-2 of 8 experts of 64 = SASRec's FFN FLOPs
+    "flop-matched": {"model.kind": "hymoerec", "model.moe.enabled": True, "model.moe.dense_hidden": 128},
 }
 CHILD = """
 import json, sys, tempfile, time
@@ -125,7 +127,7 @@ def main() -> None:
             print(f"| {label} | {model} | failed | | | |")
             continue
         sasrec = next((r for lab, m, r in rows if lab == label and m == "sasrec" and r), None)
-        ratio = f"{result['epoch'] / sasrec['epoch']:.2f}" if sasrec else "–"
+        ratio = f"{result['epoch'] / sasrec['epoch']:.3f}" if sasrec else "–"
         print(
             f"| {label} | {model} | {result['epoch']:.1f} | {ratio} | {result['rank_all_seconds']:.2f} | "
             f"{result['peak_mib']:.0f} |"
