@@ -54,12 +54,15 @@ STAGES = (
 VARIANTS: dict[str, dict[str, Any]] = {
     "hymoerec": {"model.kind": "hymoerec", "model.moe.enabled": True},
     "sasrec": {"model.kind": "hymoerec", "model.moe.enabled": False},
+    # issue 26: dense 128 + the top-2 of 8 experts of width 64 = SASRec's FFN FLOPs per token
+    "flop-matched": {"model.kind": "hymoerec", "model.moe.enabled": True, "model.moe.dense_hidden": 128},
 }
 COMMON: dict[str, Any] = {
     "data.dataset": "ml-1m",
     "model.max_seq_len": 200,
     "model.dropout": 0.2,
     "model.attn_dropout": 0.2,
+    "model.mamba.dropout": 0.2,
     "train.device": "cuda",
     "train.amp": True,
     "train.resume": False,  # a clean measurement: never continue an older run's checkpoint

@@ -219,7 +219,7 @@ def mutual_information_bits(joint: np.ndarray) -> float:
 
 def entropy_bits(counts: np.ndarray) -> float:
     p = counts[counts > 0] / max(counts.sum(), 1)
-    return float(-(p * np.log2(p)).sum())
+    return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: one label gives 0.0, not -0.0
 
 
 @torch.no_grad()

@@ -63,8 +63,17 @@ def warmup_weight(step: Tensor | int, warmup_steps: int, schedule: str = "linear
     raise ValueError(f"unknown warm-up schedule {schedule!r} (linear | cosine)")
 
 
-def load_balance(probs: Tensor, top_i: Tensor, lb_type: str = "entropy") -> tuple[Tensor, Tensor, Tensor]:
-    """Unweighted balance loss, g-bar and top-K counts from the gate probabilities of real tokens.
+def expert_counts(top_i: Tensor, num_experts: int) -> Tensor:
+    """Top-K assignments per expert ``[E]`` (long), without a host sync (CUDA's ``bincount`` reads its max first)."""
+    flat = top_i.flatten()
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def load_balance(
+    probs: Tensor, top_i: Tensor, lb_type: str = "entropy", counts: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Unweighted balance loss, g-bar and top-K counts (``counts`` when the caller has them) from the gate
+    probabilities of real tokens.
 
     ``entropy``: sum_e g_e log g_e with g = mean full-softmax probability, i.e. minus the entropy of the
     average routing distribution, minimal (-log E) at uniform load. ``switch``: E * sum_e f_e P_e with f the
@@ -73,7 +82,7 @@ def load_balance(probs: Tensor, top_i: Tensor, lb_type: str = "entropy") -> tupl
     """
     N, E = probs.shape
     mean_probs = probs.sum(0) / max(N, 1)  # zeros (and a zero loss) for a batch with no real token
-    counts = torch.bincount(top_i.flatten(), minlength=E)
+    counts = expert_counts(top_i, E) if counts is None else counts
     if lb_type == "entropy":
         lb = (mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
     elif lb_type == "switch":
@@ -175,14 +184,15 @@ class HybridMoE(nn.Module):
         probs = self.gate_probs(x, ctx)  # [N, E] float32
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         gates = top_p / top_p.sum(-1, keepdim=True)  # renormalised over the K chosen experts
+        counts = expert_counts(top_i, self.num_experts)
         route = {"loop": self._loop, "dense": self._dense, "grouped": self._grouped}[impl]
-        experts = route(x, top_i, gates)
+        experts = route(x, top_i, gates, counts)
         alpha = self.alpha(step)
         if self.dense is None:  # pure sparse MoE: the experts are the whole FFN, nothing to fade them in beside
-            return experts.to(x.dtype), self._aux(probs, top_i, torch.ones_like(alpha), return_topk)
+            return experts.to(x.dtype), self._aux(probs, top_i, counts, torch.ones_like(alpha), return_topk)
         dense = self.dense(x)
         y = dense + alpha.to(dense.dtype) * experts.to(dense.dtype)
-        return y, self._aux(probs, top_i, alpha, return_topk)
+        return y, self._aux(probs, top_i, counts, alpha, return_topk)
 
     def gate_probs(self, x: Tensor, ctx: Tensor | None = None) -> Tensor:
         """Full softmax over experts in (at least) float32, autocast off so the router matmul is float32 too."""
@@ -194,20 +204,20 @@ class HybridMoE(nn.Module):
             logits = F.linear(router_in.to(dtype), self.router.weight.to(dtype))
         return logits.softmax(dim=-1)
 
-    def _aux(self, probs: Tensor, top_i: Tensor, alpha: Tensor, return_topk: bool) -> MoEAux:
-        lb, mean_probs, counts = load_balance(probs, top_i, self.cfg.lb_type)
+    def _aux(self, probs: Tensor, top_i: Tensor, counts: Tensor, alpha: Tensor, return_topk: bool) -> MoEAux:
+        lb, mean_probs, counts = load_balance(probs, top_i, self.cfg.lb_type, counts)
         return MoEAux(self.cfg.lb_weight * lb, mean_probs, counts, alpha, top_i if return_topk else None)
 
     def _expert(self, e: int, x: Tensor) -> Tensor:
         hid = self.expert_drop(self.act(torch.addmm(self.b1[e], x, self.w1[e])))
         return torch.addmm(self.b2[e], hid, self.w2[e])
 
-    def _loop(self, x: Tensor, top_i: Tensor, gates: Tensor) -> Tensor:
+    def _loop(self, x: Tensor, top_i: Tensor, gates: Tensor, counts: Tensor) -> Tensor:
         """Reference kernel: one gather / expert / ``index_add`` per expert that received tokens."""
         K = self.top_k
         flat_e, flat_g = top_i.flatten(), gates.flatten()
         out = torch.zeros_like(x)
-        for e, n in enumerate(torch.bincount(flat_e, minlength=self.num_experts).tolist()):
+        for e, n in enumerate(counts.tolist()):
             if n == 0:
                 continue
             slots = (flat_e == e).nonzero().squeeze(1)
@@ -216,7 +226,7 @@ class HybridMoE(nn.Module):
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
 
-    def _dense(self, x: Tensor, top_i: Tensor, gates: Tensor) -> Tensor:
+    def _dense(self, x: Tensor, top_i: Tensor, gates: Tensor, counts: Tensor) -> Tensor:
         """Every expert on every token: sum_e g_e f_e(x) = (g * act(x W1cat + b1)) W2cat + g b2."""
         N, d = x.shape
         E, _, h = self.w1.shape
@@ -225,7 +235,7 @@ class HybridMoE(nn.Module):
         hid = (hid.view(N, E, h) * gate_mat.unsqueeze(-1).to(hid.dtype)).view(N, E * h)
         return torch.addmm(gate_mat.to(hid.dtype) @ self.b2.to(hid.dtype), hid, self.w2.reshape(E * h, d))
 
-    def _grouped(self, x: Tensor, top_i: Tensor, gates: Tensor) -> Tensor:
+    def _grouped(self, x: Tensor, top_i: Tensor, gates: Tensor, counts: Tensor) -> Tensor:
         """Sort the (token, slot) pairs by expert, run every expert on its contiguous rows, un-permute.
 
         On the CPU (float32 / bf16, widths of whole 16-byte rows) the experts are one ``grouped_mm`` per layer of
@@ -239,7 +249,6 @@ class HybridMoE(nn.Module):
         K, E = self.top_k, self.num_experts
         flat_e = top_i.flatten()
         order = torch.argsort(flat_e, stable=True)
-        counts = torch.bincount(flat_e, minlength=E)
         sorted_e = flat_e.index_select(0, order)
         rows = x.index_select(0, order // K)
         h = self.w1.shape[-1]
@@ -259,7 +268,6 @@ class HybridMoE(nn.Module):
             out = torch.baddbmm(self.b2.unsqueeze(1).to(hid.dtype), hid, self.w2.to(hid.dtype)).view(E * capacity, d)
             out = out.index_select(0, row)
         y = out * gates.flatten()[order].unsqueeze(1).to(out.dtype)
-        # inverse permutation as a gather (no atomics: deterministic on every device)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return y.index_select(0, inverse).view(N, K, d).sum(1).to(x.dtype)
+        # back to (token, slot) order by copying each row to its own place: no atomics, deterministic on every
+        # device, and the backward is a gather (an inverse-permutation gather would scatter-add in its backward)
+        return y.new_empty(y.shape).index_copy(0, order, y).view(N, K, d).sum(1).to(x.dtype)
