@@ -66,13 +66,16 @@ with tempfile.TemporaryDirectory() as tmp:
         "train.patience": epochs, "train.resume": False, "mlflow.enabled": False, "train.device": "cpu",
     })
     train(params)
-    seconds = [row["epoch_seconds"] for row in read_log(Path(tmp) / "train_log.csv")]
+    log = read_log(Path(tmp) / "train_log.csv")
+    seconds = [row["epoch_seconds"] for row in log]
+    cpu_seconds = [row.get("epoch_cpu_seconds", float("nan")) for row in log]  # older trees did not log it
     model = load_trained_model(tmp, pick_device("cpu"))
     test = eval_split(pq.read_table(f"{processed}/test.parquet"), model.max_seq_len)
     start = time.perf_counter()
     rank_split(model, test, ks=(10, 20), exclude_seen=False, batch_size=params.train.eval_batch_size,
                device=torch.device("cpu"))
-    print(json.dumps({"epoch_seconds": seconds, "rank_all_seconds": time.perf_counter() - start, "users": len(test)}))
+    print(json.dumps({"epoch_seconds": seconds, "epoch_cpu_seconds": cpu_seconds,
+                      "rank_all_seconds": time.perf_counter() - start, "users": len(test)}))
 """
 
 
@@ -83,7 +86,9 @@ def measure(tree: Path, processed: Path, threads: int, epochs: int, overrides: d
     if code:
         return None
     result = json.loads(out.strip().splitlines()[-1])
-    return {**result, "timed": result["epoch_seconds"][1:] or result["epoch_seconds"], "peak_mib": peak_mib}
+    cpu = result.get("epoch_cpu_seconds") or [float("nan")] * len(result["epoch_seconds"])
+    timed = {"timed": result["epoch_seconds"][1:] or result["epoch_seconds"], "timed_cpu": cpu[1:] or cpu}
+    return {**result, **timed, "peak_mib": peak_mib}
 
 
 def combine(results: list[dict | None]) -> dict | None:
@@ -92,6 +97,7 @@ def combine(results: list[dict | None]) -> dict | None:
         return None
     return {
         "epoch": statistics.median(s for r in results for s in r["timed"]),
+        "epoch_cpu": statistics.median(s for r in results for s in r["timed_cpu"]),
         "rank_all_seconds": statistics.median(r["rank_all_seconds"] for r in results),
         "peak_mib": max(r["peak_mib"] for r in results),
     }
@@ -120,17 +126,21 @@ def main() -> None:
             runs[label, model].append(result)
             print(f"round {round_ + 1} {label} {model}: {result and result['epoch_seconds']}", flush=True)
     rows = [(label, model, combine(results)) for (label, model), results in runs.items()]
-    print("\n| code | model | s / epoch (incl. validation) | × SASRec | rank all users (s) | peak RSS (MiB) |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(
+        "\n| code | model | s / epoch (incl. validation) | × SASRec | CPU s / epoch | × SASRec (CPU s) | "
+        "rank all users (s) | peak RSS (MiB) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, model, result in rows:
         if result is None:
-            print(f"| {label} | {model} | failed | | | |")
+            print(f"| {label} | {model} | failed | | | | | |")
             continue
         sasrec = next((r for lab, m, r in rows if lab == label and m == "sasrec" and r), None)
         ratio = f"{result['epoch'] / sasrec['epoch']:.3f}" if sasrec else "–"
+        cpu_ratio = f"{result['epoch_cpu'] / sasrec['epoch_cpu']:.3f}" if sasrec else "–"
         print(
-            f"| {label} | {model} | {result['epoch']:.1f} | {ratio} | {result['rank_all_seconds']:.2f} | "
-            f"{result['peak_mib']:.0f} |"
+            f"| {label} | {model} | {result['epoch']:.2f} | {ratio} | {result['epoch_cpu']:.2f} | {cpu_ratio} | "
+            f"{result['rank_all_seconds']:.2f} | {result['peak_mib']:.0f} |"
         )
 
 
