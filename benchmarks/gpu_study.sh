@@ -6,7 +6,8 @@
 #
 #   JOBS="beauty mamba4rec 3,ml-1m hymoerec 2" OUT=/tmp/out bash benchmarks/gpu_study.sh
 #
-# JOBS: comma-separated "<dataset> <variant> <seed>" (pipeline/study/spec.yaml). The image may lack wheels and data:
+# JOBS: comma-separated "<dataset> <variant> <seed>" (pipeline/study/spec.yaml); `python -m pipeline.study status
+# --dataset ml-1m --jobs` prints the pending ones in plan order (add --variants to pick). The image may lack wheels and data:
 # put the wheels in .whl/ (e.g. `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
 # manylinux_2_17_x86_64 -d .whl tenacity mambapy==1.2.0`; they are installed into /tmp/site without an index) and
 # the data mirror in shared/datasets/ (or set HYMOE_DATA_MIRROR). Both stay out of git (.git/info/exclude), so an

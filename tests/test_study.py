@@ -135,6 +135,14 @@ def test_make_run_is_the_study_run_of_a_results_row() -> None:
     assert config_digest(defaults) == config_digest(run_params(run, REPO_ROOT / "params.yaml"))
 
 
+def test_status_lists_the_pending_runs_as_gpu_study_jobs(study: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``status --jobs`` prints what is left, in plan order, as benchmarks/gpu_study.sh's JOBS list."""
+    (study / "results" / "synthetic").mkdir(parents=True)
+    (study / "results" / "synthetic" / "hymoerec-seed1.json").write_text("{}")  # finished: not a job
+    assert cli(study, "status", "--jobs", "--variants", "hymoerec", "sasrec") == 0
+    assert capsys.readouterr().out.strip() == "synthetic sasrec 1,synthetic hymoerec 2,synthetic sasrec 2"
+
+
 def test_per_user_values_round_trip_and_the_test_is_paired() -> None:
     rng = np.random.default_rng(0)
     values = np.where(rng.random(1000) < 0.9, 0.0, rng.random(1000)).astype(np.float32)

@@ -1,6 +1,7 @@
 """``python -m pipeline.study``: run the reproduction study (resumable) and write RESULTS.md from its MLflow runs.
 
 python -m pipeline.study status                       # the plan and what is done, per dataset
+python -m pipeline.study status --dataset ml-1m --jobs  # what is pending, as JOBS for benchmarks/gpu_study.sh
 python -m pipeline.study run --dataset beauty --threads 1 &   # start it twice: two workers share the plan
 python -m pipeline.study run --dataset beauty --group ablation --variants no-dense --seeds 1
 python -m pipeline.study interim --dataset ml-1m       # unfinished runs' best weights so far (workers stopped)
@@ -41,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.add_argument("--variants", nargs="+", help="only these variants")
         command.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     sub.choices["run"].add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
+    sub.choices["status"].add_argument(
+        "--jobs", action="store_true", help="only the pending runs, as a JOBS list for benchmarks/gpu_study.sh"
+    )
     report = sub.add_parser("report", help="write RESULTS.md and its plots from the study's MLflow runs")
     report.add_argument("--out", type=Path, default=Path("RESULTS.md"))
     args = parser.parse_args(argv)
@@ -57,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for dataset in args.dataset or list(spec["datasets"])
             for run in plan(spec, dataset, groups=args.group, variants=args.variants, seeds=args.seeds)
         ]
+        if args.command == "status" and args.jobs:
+            pending = [r for r in runs if not r.record_path(args.records).exists()]
+            print(",".join(f"{r.dataset} {r.variant} {r.seed}" for r in pending))
+            return 0
         if args.command == "status":
             for run in runs:
                 state = "done" if run.record_path(args.records).exists() else "pending"
