@@ -541,7 +541,7 @@ def information(records: list[dict[str, Any]], label: str) -> Information | None
     if not tables:
         return None
     per_layer = list(np.mean([t["mi_bits"] for t in tables], axis=0))
-    return per_layer, statistics.mean(t["label_entropy_bits"] for t in tables)
+    return per_layer, statistics.mean(t["label_entropy_bits"] for t in tables) + 0.0  # + 0.0: no "-0.00"
 
 
 def information_cell(measured: Information | None) -> str:
