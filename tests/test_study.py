@@ -446,3 +446,24 @@ def test_the_heterogeneity_levels_get_one_section_with_the_gain_and_what_the_rou
     assert re.search(r"\| \d\.\d{3} of (0\.9\d|1\.00) \|", two_kinds)  # what the routes know of the user's kind
     assert re.search(r"[+-]\d\.\d{4}, p (= [0-9.e-]+|< 1e-4)", two_kinds)  # the paired gain over SASRec
     assert (tmp_path / "results" / "plots" / "heterogeneity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_default_is_chosen_by_the_spec_rule_on_validation_alone() -> None:
+    """The candidate wins unless the current default leads on mean validation NDCG@10 by more than the larger seed
+    std; the verdict waits for every planned seed, and test figures never enter it."""
+    from pipeline.study.report import choice_lines
+
+    def variant(name: str, valid: list[float], test: float = 0.5) -> Variant:
+        records = [
+            {"seed": seed, "metrics": {"valid": {"ndcg@10": v}, "test": {"ndcg@10": test}}}
+            for seed, v in enumerate(valid, 1)
+        ]
+        return Variant(name, name.upper(), "main", records, [], [])
+
+    choice = {"current": "a", "candidate": "b", "seeds": [1, 2, 3]}
+    tie = choice_lines(choice, [variant("a", [0.30, 0.31, 0.32]), variant("b", [0.295, 0.305, 0.315], test=0.0)])
+    assert "the cheaper B wins here" in tie[1]
+    ahead = choice_lines(choice, [variant("a", [0.40, 0.41, 0.42], test=0.0), variant("b", [0.29, 0.30, 0.31])])
+    assert "it stays the default here" in ahead[1]
+    assert "not decided yet" in choice_lines(choice, [variant("a", [0.4] * 3), variant("b", [0.3])])[1]
+    assert choice_lines(None, [variant("a", [0.4])]) == []
