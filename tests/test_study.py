@@ -444,7 +444,16 @@ def test_the_heterogeneity_levels_get_one_section_with_the_gain_and_what_the_rou
     one_kind, two_kinds = rows
     assert "| 0.000 of 0.00 |" in one_kind  # one kind of user: nothing for the routes to know
     assert re.search(r"\| \d\.\d{3} of (0\.9\d|1\.00) \|", two_kinds)  # what the routes know of the user's kind
-    assert re.search(r"[+-]\d\.\d{4}, p (= [0-9.e-]+|< 1e-4)", two_kinds)  # the paired gain over SASRec
+    gain = re.search(r"([+-]\d\.\d{4}), p (= [0-9.e-]+|< 1e-4)", two_kinds)  # the paired gain over SASRec
+    ndcg = {
+        m: json.loads((tmp_path / "results" / "synthetic-2" / f"{m}-seed1.json").read_text())["metrics"]["test"][
+            "ndcg@10"
+        ]
+        for m in ("hymoerec", "sasrec")
+    }
+    assert gain and float(gain.group(1)) == pytest.approx(
+        ndcg["hymoerec"] - ndcg["sasrec"], abs=6e-5
+    )  # HyMoERec − SASRec
     assert (tmp_path / "results" / "plots" / "heterogeneity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

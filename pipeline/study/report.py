@@ -616,7 +616,7 @@ def heterogeneity_section(
         points.append(plots.LevelPoint(kinds, gains, kind_info, popularity_info))
         lines.append(
             f"| {kinds} | {len(ours.records)} / {len(sasrec.records)} | {mean_std(ours.values('ndcg@10'))} | "
-            f"{mean_std(sasrec.values('ndcg@10'))} | {versus(sasrec, ours)} | {information_cell(kind_info)} | "
+            f"{mean_std(sasrec.values('ndcg@10'))} | {versus(ours, sasrec)} | {information_cell(kind_info)} | "
             f"{information_cell(popularity_info)} |"
         )
     lines += ["", "Seeds: HyMoERec / SASRec. The Δ column sets HyMoERec against SASRec (positive: HyMoERec ahead).", ""]
