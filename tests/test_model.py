@@ -138,6 +138,23 @@ def test_grouped_kernel_runs_the_experts_as_grouped_gemms_on_the_cpu(monkeypatch
             assert calls[0] == calls[1] and calls[0][-1] == 11 * 2
 
 
+def test_grouped_kernel_follows_cpu_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """autocast does not list grouped_mm, so the kernel casts by hand: under ``cpu_amp`` the experts run in bf16."""
+    from pipeline.model import moe
+
+    dtypes = []
+    real = moe.F.grouped_mm
+    monkeypatch.setattr(moe.F, "grouped_mm", lambda a, b, **k: dtypes.append(a.dtype) or real(a, b, **k))
+    torch.manual_seed(0)
+    layer = HybridMoE(16, MoEConfig(num_experts=4, top_k=2, expert_hidden=8, dense_hidden=8))
+    x = torch.randn(11, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grouped, _ = layer(x, step=10, implementation="grouped")
+        loop, _ = layer(x, step=10, implementation="loop")
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    torch.testing.assert_close(grouped.float(), loop.float(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_moe_expert_dropout(impl: str) -> None:
     """Expert activations are dropped in training only; null takes the dense branch's rate."""

@@ -439,8 +439,8 @@ def test_the_heterogeneity_levels_get_one_section_with_the_gain_and_what_the_rou
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## synthetic-1" not in text and "## synthetic-2" not in text
     section = text[text.index("## Where the experts help") :]
-    rows = [line for line in section.splitlines() if re.match(r"\| [12] \| 1 / 1 \|", line)]
-    assert len(rows) == 2
+    rows = [line for line in section.splitlines() if re.match(r"\| [12] \| 1 / 1 † \|", line)]
+    assert len(rows) == 2 and CAPPED_NOTE in section  # two epochs within patience 10: the cap ended them, marked
     one_kind, two_kinds = rows
     assert "| 0.000 of 0.00 |" in one_kind  # one kind of user: nothing for the routes to know
     assert re.search(r"\| \d\.\d{3} of (0\.9\d|1\.00) \|", two_kinds)  # what the routes know of the user's kind

@@ -214,7 +214,7 @@ def mutual_information_bits(joint: np.ndarray) -> float:
     p = joint / total
     expected = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
     nonzero = p > 0
-    return float((p[nonzero] * np.log2(p[nonzero] / expected[nonzero])).sum())
+    return max(0.0, float((p[nonzero] * np.log2(p[nonzero] / expected[nonzero])).sum()))  # no -1e-17 from rounding
 
 
 def entropy_bits(counts: np.ndarray) -> float:

@@ -238,12 +238,13 @@ class HybridMoE(nn.Module):
     def _grouped(self, x: Tensor, top_i: Tensor, gates: Tensor, counts: Tensor) -> Tensor:
         """Sort the (token, slot) pairs by expert, run every expert on its contiguous rows, un-permute.
 
-        On the CPU (float32 / bf16, widths of whole 16-byte rows) the experts are one ``grouped_mm`` per layer of
-        the FFN over the sorted rows, split at the experts' offsets (megablocks style): no padding, no host sync,
-        and the backward yields the stacked weights' gradients at once. Elsewhere (CUDA's grouped GEMM wants
-        Hopper and bf16; float64 checks) each expert's rows are zero-padded to the busiest expert's count into one
-        ``[E, capacity, d]`` buffer for a ``baddbmm``, at the cost of one host sync and of the padding (balanced
-        routing pads little; a trained model's skewed routing, its busiest expert near 1.5x the mean, pads a third).
+        On the CPU (float32, or bf16 under ``cpu_amp``; widths of whole 16-byte rows) the experts are one
+        ``grouped_mm`` per layer of the FFN over the sorted rows, split at the experts' offsets (megablocks style):
+        no padding, no host sync, and the backward yields the stacked weights' gradients at once. Elsewhere (CUDA's
+        grouped GEMM wants Hopper and bf16; float64 checks) each expert's rows are zero-padded to the busiest
+        expert's count into one ``[E, capacity, d]`` buffer for a ``baddbmm``, at the cost of one host sync and of
+        the padding (balanced routing pads little; a trained model's skewed routing, its busiest expert near 1.5x
+        the mean, pads a third).
         """
         N, d = x.shape
         K, E = self.top_k, self.num_experts
@@ -252,13 +253,15 @@ class HybridMoE(nn.Module):
         sorted_e = flat_e.index_select(0, order)
         rows = x.index_select(0, order // K)
         h = self.w1.shape[-1]
-        aligned = all(width * x.element_size() % 16 == 0 for width in (d, h))  # grouped_mm's row-stride rule
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and aligned:
+        # autocast does not list grouped_mm: under cpu_amp cast by hand, as it would a matmul
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        aligned = all(width * torch.finfo(dtype).bits // 8 % 16 == 0 for width in (d, h))  # grouped_mm's stride rule
+        if x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and aligned:
             offsets = counts.cumsum(0).to(torch.int32)
-            weights1, weights2 = self.w1.to(x.dtype), self.w2.to(x.dtype)
-            hid = F.grouped_mm(rows, weights1, offs=offsets) + self.b1.to(x.dtype).index_select(0, sorted_e)
+            rows, weights1, weights2 = rows.to(dtype), self.w1.to(dtype), self.w2.to(dtype)
+            hid = F.grouped_mm(rows, weights1, offs=offsets) + self.b1.to(dtype).index_select(0, sorted_e)
             hid = self.expert_drop(self.act(hid))
-            out = F.grouped_mm(hid, weights2, offs=offsets) + self.b2.to(x.dtype).index_select(0, sorted_e)
+            out = F.grouped_mm(hid, weights2, offs=offsets) + self.b2.to(dtype).index_select(0, sorted_e)
         else:
             capacity = int(counts.max())  # one host sync per layer
             slot = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts).index_select(0, sorted_e)

@@ -613,13 +613,16 @@ def heterogeneity_section(
         ]
         kind_info = information(ours.records, "user_kind")
         popularity_info = information(ours.records, "target_popularity")
-        points.append(plots.LevelPoint(kinds, gains, kind_info, popularity_info))
+        if gains:  # no seed in common yet: nothing to plot for this level
+            points.append(plots.LevelPoint(kinds, gains, kind_info, popularity_info))
+        seeds = with_marks(f"{len(ours.records)} / {len(sasrec.records)}", ours.records + sasrec.records)
         lines.append(
-            f"| {kinds} | {len(ours.records)} / {len(sasrec.records)} | {mean_std(ours.values('ndcg@10'))} | "
+            f"| {kinds} | {seeds} | {mean_std(ours.values('ndcg@10'))} | "
             f"{mean_std(sasrec.values('ndcg@10'))} | {versus(ours, sasrec)} | {information_cell(kind_info)} | "
             f"{information_cell(popularity_info)} |"
         )
     lines += ["", "Seeds: HyMoERec / SASRec. The Δ column sets HyMoERec against SASRec (positive: HyMoERec ahead).", ""]
+    lines += marks_note([v for dataset in levels for v in controlled[dataset]])
     if points:
         picture = plots.heterogeneity(points, records_dir / "plots" / "heterogeneity.png")
         lines += [f"![heterogeneity]({os.path.relpath(picture, out.parent)})", ""]
@@ -637,8 +640,9 @@ def choice_lines(choice: dict[str, Any] | None, main: list[Variant]) -> list[str
         return []
     current, candidate = by_name[choice["current"]], by_name[choice["candidate"]]
 
-    def valid(variant: Variant) -> list[float]:
-        return [r["metrics"]["valid"]["ndcg@10"] for r in variant.records if r["seed"] in choice["seeds"]]
+    def valid(variant: Variant) -> list[float]:  # finished runs only: an interim result never decides
+        chosen = (r for r in variant.records if r["seed"] in choice["seeds"] and not is_interim(r))
+        return [r["metrics"]["valid"]["ndcg@10"] for r in chosen]
 
     ours, theirs = valid(current), valid(candidate)
     n = len(choice["seeds"])
@@ -649,7 +653,7 @@ def choice_lines(choice: dict[str, Any] | None, main: list[Variant]) -> list[str
     if len(ours) < n or len(theirs) < n:
         verdict = "not decided yet"
     else:
-        margin = max(statistics.stdev(ours), statistics.stdev(theirs))
+        margin = max(statistics.stdev(ours), statistics.stdev(theirs)) if n > 1 else 0.0
         lead = statistics.mean(ours) - statistics.mean(theirs)
         verdict = (
             f"{current.label} leads by {lead:.4f}, more than {margin:.4f}: it stays the default here"
