@@ -266,6 +266,9 @@ def test_warm_start_loads_weights_only_for_the_same_catalogue_and_architecture(t
     assert not warm_start(build_model(params.model, n_items), source.model.parent, params.model, other_map)
     wider = load_params(REPO_ROOT / "params.yaml", tiny_retrain(tmp_path / "a", **{"model.hidden_size": 32}))
     assert not warm_start(build_model(wider.model, n_items), source.model.parent, wider.model, item_map)
+    # a setting of another model kind (model.json leaves those sections out) is not another architecture
+    other_kind = load_params(REPO_ROOT / "params.yaml", tiny_retrain(tmp_path / "a", **{"model.mamba.dropout": 0.1}))
+    assert warm_start(build_model(other_kind.model, n_items), source.model.parent, other_kind.model, item_map)
     with pytest.raises(FileNotFoundError, match="warm_start_from"):
         warm_start(model, tmp_path / "missing", params.model, item_map)
 

@@ -450,8 +450,10 @@ def warm_start(model: torch.nn.Module, source: str | Path, model_cfg: ModelConfi
     if config.get("item_catalogue") != catalogue_fingerprint(item_map):
         log.info("warm start: %s was trained on another item catalogue; training from scratch", source)
         return False
-    try:  # through ModelConfig, so a model.json written before a parameter existed gets that parameter's default
-        same_architecture = from_dict(ModelConfig, config.get("model", {}), "model") == model_cfg
+    try:  # through ModelConfig, so a model.json written before a parameter existed gets that parameter's default;
+        # only the settings the network depends on count (model.json leaves the other kinds' sections out)
+        saved = from_dict(ModelConfig, config.get("model", {}), "model")
+        same_architecture = saved.relevant() == model_cfg.relevant()
     except ParamsError:  # written by a newer version with parameters this one does not know
         same_architecture = False
     if not same_architecture:
