@@ -247,7 +247,8 @@ def expert_load(
     by_user = np.zeros((n_layers, len(USER_BUCKETS), n_experts))
     by_item = np.zeros((n_layers, len(ITEM_BUCKETS), n_experts))
     by_target = np.zeros((n_layers, len(ITEM_BUCKETS), n_experts), dtype=np.int64)
-    by_kind = np.zeros((n_layers, int(user_kind.max(initial=0)) + 1 if user_kind is not None else 0, n_experts))
+    n_kinds = int(user_kind.max(initial=0)) + 1 if user_kind is not None else 0
+    by_kind = np.zeros((n_layers, n_kinds, n_experts), dtype=np.int64)
     for start in range(0, len(split), batch_size):
         inputs = torch.from_numpy(split.inputs[start : start + batch_size]).to(device)
         routes = model.routing(inputs)
@@ -274,7 +275,7 @@ def expert_load(
     def information(table: np.ndarray, names: list[str]) -> dict[str, Any]:
         return {
             "labels": names,
-            "counts": table.astype(np.int64).tolist(),
+            "counts": table.tolist(),
             "mi_bits": [round(mutual_information_bits(layer), 5) for layer in table],
             "label_entropy_bits": round(entropy_bits(table[0].sum(1)), 5),
         }

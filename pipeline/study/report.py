@@ -605,12 +605,9 @@ def heterogeneity_section(
         if ours is None or sasrec is None or not ours.records or not sasrec.records:
             lines.append(f"| {kinds} | – | not run yet | | | | |")
             continue
-        common = ours.seeds() & sasrec.seeds()
-        gains = [
-            next(r for r in ours.records if r["seed"] == s)["metrics"]["test"]["ndcg@10"]
-            - next(r for r in sasrec.records if r["seed"] == s)["metrics"]["test"]["ndcg@10"]
-            for s in sorted(common)
-        ]
+        ours_test = {r["seed"]: r["metrics"]["test"]["ndcg@10"] for r in ours.records}
+        sasrec_test = {r["seed"]: r["metrics"]["test"]["ndcg@10"] for r in sasrec.records}
+        gains = [ours_test[seed] - sasrec_test[seed] for seed in sorted(ours_test.keys() & sasrec_test.keys())]
         kind_info = information(ours.records, "user_kind")
         popularity_info = information(ours.records, "target_popularity")
         if gains:  # no seed in common yet: nothing to plot for this level
