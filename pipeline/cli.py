@@ -11,6 +11,7 @@ fix it>``; anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -100,9 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(stage: str, err: Exception, code: int) -> int:
     """One line for the user, ``error: <stage>: <message>``; the traceback only with --verbose."""
     logging.getLogger("pipeline").debug("%s failed", stage, exc_info=True)
-    message = (
-        str(err) if not isinstance(err, FileNotFoundError) or not err.filename else f"no such file: {err.filename}"
-    )
+    message = str(err)
+    if isinstance(err, FileNotFoundError) and err.filename:
+        message = f"no such file: {err.filename}"
+    elif isinstance(err, OSError) and err.errno == errno.ENOSPC and err.filename:
+        message = f"no space left on device writing {err.filename}: free space on its disk, then run again"
     print(f"error: {stage}: {message}", file=sys.stderr)
     return code
 
