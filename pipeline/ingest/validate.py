@@ -93,8 +93,9 @@ def validate_logs(
     duplicates = [_parsed_rows(src, rows, DUPLICATE_REASON) for src, rows in frame[repeated].groupby("_source")]
     malformed_rows = pd.concat(malformed, ignore_index=True)
     quarantined = pd.concat([malformed_rows, *duplicates], ignore_index=True)
-    if sources:
-        quarantined["source"] = quarantined["source"].map(lambda name: sources.get(name, name)).astype("string")
+    if sources:  # the quarantine and the too-many-bad-rows error name the inbox file, not its staged copy
+        malformed_rows["source"] = _shown(malformed_rows["source"], sources)
+        quarantined["source"] = _shown(quarantined["source"], sources)
     write_quarantine(outputs.quarantine, quarantined)
     report = BatchReport(
         files=len(files),
@@ -120,6 +121,10 @@ def validate_logs(
         report.duplicates,
     )
     return report
+
+
+def _shown(names: pd.Series, sources: dict[str, str]) -> pd.Series:
+    return names.map(lambda name: sources.get(name, name)).astype("string")
 
 
 def _parsed_rows(source: str, events: pd.DataFrame, reason: str) -> pd.DataFrame:
