@@ -21,22 +21,11 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from pipeline.local_servers import free_port, start_group, stop_group, wait_http
 from pipeline.params import Params, load_params
 from pipeline.stages import evaluate, train
 from pipeline.tracking.promotion import register
-from tests.conftest import (
-    BIN,
-    REPO_ROOT,
-    MlflowServer,
-    free_port,
-    prepared,
-    start_group,
-    stop_group,
-    tiny_overrides,
-    wait_http,
-    with_venv_path,
-    write_params,
-)
+from tests.conftest import BIN, REPO_ROOT, MlflowServer, prepared, tiny_overrides, with_venv_path, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -265,3 +254,7 @@ def test_every_error_answer_is_one_short_line() -> None:
     assert json.loads(error_body(504, b"Request processing time exceeded limit", ""))["error_code"] == (
         "DEADLINE_EXCEEDED"
     )
+    assert json.loads(error_body(404, b'{"detail": "Not Found"}', "")) == {
+        "error_code": "BAD_REQUEST",
+        "message": "Not Found",
+    }

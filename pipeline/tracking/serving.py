@@ -84,8 +84,8 @@ def error_body(status: int, body: bytes, content_type: str) -> bytes:
         parsed = json.loads(body)
     except ValueError:
         parsed = None
-    if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
-        code, message = str(parsed.get("error_code", "")), parsed["message"]
+    if isinstance(parsed, dict) and isinstance(parsed.get("message", parsed.get("detail")), str):  # MLflow, FastAPI
+        code, message = str(parsed.get("error_code", "")), parsed.get("message", parsed.get("detail"))
     else:
         code, message = "", body.decode("utf-8", errors="replace")
     code = code or ERROR_CODES.get(status, "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR")
