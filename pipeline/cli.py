@@ -52,6 +52,19 @@ def _ingest(args: argparse.Namespace, params: Params) -> object:
     return ingest(args.params, Interval.parse(args.start, args.end), _parse_overrides(args.set))
 
 
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model URI or folder (default: the registered model's champion)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
+
+
+def _serve(args: argparse.Namespace, params: Params) -> object:
+    from pipeline.tracking.serving import serve
+
+    return serve(params, args.model, args.host, args.port, args.workers)
+
+
 COMMANDS["replay"] = (
     "cut a dataset with real timestamps at a date: history -> interaction store, later days -> inbox log files",
     _replay_arguments,
@@ -61,6 +74,11 @@ COMMANDS["ingest"] = (
     "collect, validate and merge the inbox log files of one interval into the interaction store (no training)",
     _ingest_arguments,
     _ingest,
+)
+COMMANDS["serve"] = (
+    "serve a registered model over HTTP: MLflow's scoring server, error answers one line without the request",
+    _serve_arguments,
+    _serve,
 )
 
 

@@ -5,7 +5,8 @@ model object. ``load_context`` rebuilds the network from the logged artifacts, `
 ``weights_only=True``), ``model.json`` and ``item_map.parquet``, with the ``pipeline`` source shipped in the model's
 ``code`` folder, so ``mlflow models serve --env-manager local`` works from any directory.
 
-Input: one row per user, ``history`` (list of raw item ids as strings, oldest first) and optional ``k`` (int).
+Input: one row per user, ``history`` (list of raw item ids as strings, oldest first) and optional ``k`` (int, on every
+row or none).
 Output: ``items`` (the top-K raw item ids, best first) and ``scores`` (their scores). Unknown ids in a history are
 ignored; padding is never returned; with ``exclude_history`` (model config) neither is an item of the history.
 """

@@ -92,7 +92,7 @@ class Recommender:
         return items, scores
 
     def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """The pyfunc contract: columns ``history`` (list of raw ids) and optional ``k`` -> ``items``, ``scores``.
+        """The pyfunc contract: ``history`` (raw ids), optional ``k`` (every row or none) -> ``items``, ``scores``.
 
         A malformed request raises :class:`InvalidRequest` with a one-line reason naming the row.
         """
@@ -100,8 +100,12 @@ class Recommender:
             raise InvalidRequest("input needs a 'history' column: a list of raw item ids (strings) per row")
         histories = [_history(value, row) for row, value in enumerate(frame["history"])]
         ks = [self.default_k] * len(frame)
-        if "k" in frame.columns:
-            ks = [self.default_k if _missing(k) else _positive_int(k, row) for row, k in enumerate(frame["k"])]
+        if "k" in frame.columns and not all(_missing(k) for k in frame["k"]):
+            missing = [row for row, k in enumerate(frame["k"]) if _missing(k)]
+            if missing:  # a forgotten k would silently get the default: the request is ambiguous
+                rows = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+                raise InvalidRequest(f"k must be on every row or on none; rows without it: {rows}")
+            ks = [_positive_int(k, row) for row, k in enumerate(frame["k"])]
         items, scores = self.recommend(histories, ks)
         return pd.DataFrame({"items": items, "scores": scores})
 

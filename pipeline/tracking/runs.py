@@ -33,7 +33,7 @@ import yaml
 from pipeline.io import file_digest, write_json_atomic
 from pipeline.model.train_log import read_log
 from pipeline.params import Params
-from pipeline.tracking.store import Tracking, display_uri, experiment_name
+from pipeline.tracking.store import Tracking, TrackingError, display_uri, experiment_name, one_line
 
 log = logging.getLogger(__name__)
 
@@ -254,10 +254,22 @@ class RunLogger:
         if kind is None:
             self.finish("FINISHED")
             return
-        try:  # the training error matters more than a failure to record it
-            self.finish("KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
-        except Exception:  # noqa: BLE001
-            log.warning("could not mark MLflow run %s as failed", self.run_id, exc_info=True)
+        status = "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
+        # Training stopped because the server failed a whole retry budget: it has its one warning and the error
+        # line already, so one more try to close the run, no second budget, and no warning if that fails too.
+        lost = isinstance(err, TrackingError)
+        tracking = self.tracking.once() if lost else self.tracking
+        try:
+            tracking.call("end run", tracking.client.set_terminated, self.run_id, status=status)
+        except Exception as failure:  # noqa: BLE001 - the training error matters more than a failure to record it
+            log.debug("could not mark MLflow run %s as %s", self.run_id, status, exc_info=True)
+            log.log(
+                logging.INFO if lost else logging.WARNING,
+                "MLflow run %s stays RUNNING: could not mark it %s (%s)",
+                self.run_id,
+                status,
+                one_line(failure) if not lost else "the tracking server is unreachable",
+            )
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:

@@ -7,7 +7,10 @@ store that needs no server: ``sqlite:///<mlflow.store_dir>/mlflow.db`` with arti
 MLflow's own HTTP client retries for minutes by default; here it is told not to (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``
 defaults to 0 unless already set) and every call goes through :meth:`Tracking.call`, which retries transient
 failures ``mlflow.retries`` times with doubling back-off (tenacity) and then raises :class:`TrackingError` naming the
-URI. One retry policy for every call, whatever the store (MLflow's own retries cover only its HTTP client).
+URI. One retry policy for every call, whatever the store (MLflow's own retries cover only its HTTP client), and
+for building the client itself: for a database URI (``postgresql://``, ``mysql://``, ``mssql://``) MLflow connects
+in the client's constructor and retries a refused connection ten times over about 100 s, so the database is tried
+once first, under this policy, before MLflow gets to it. A failing call logs one warning, its later retries INFO.
 Importing this module does not import MLflow (the train stage imports it even when tracking is off).
 """
 
@@ -17,7 +20,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -35,6 +38,8 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 CHAMPION = "champion"  # the version that serves: replaced only by a better one on the same evaluation data
 CHALLENGER = "challenger"  # the most recently registered version, promoted or not
 MAX_BACKOFF_S = 30.0
+DATABASE_CONNECT_TIMEOUT_S = 10  # a database host that does not answer at all fails each attempt after this
+SERVER_DATABASES = ("postgresql", "mysql", "mssql")  # URI schemes (before any +driver) MLflow opens with SQLAlchemy
 # MLflow error codes worth retrying: the server is down, overloaded or failed internally
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 
@@ -98,11 +103,23 @@ class Tracking:
 
     @property
     def client(self) -> MlflowClient:
+        """Built on first use under :meth:`call`: an unreachable store is retried and ends in :class:`TrackingError`."""
         if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            self._client = self.call("connect", self._connect)
         return self._client
+
+    def _connect(self) -> MlflowClient:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        if self.uri.split(":", 1)[0].split("+", 1)[0] in SERVER_DATABASES:
+            _reach_database(self.uri)
+        try:
+            return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        except MlflowException as err:  # an unknown scheme, a malformed URI: nothing a retry changes
+            if is_transient(err):
+                raise
+            raise TrackingError(f"cannot use MLflow at {display_uri(self.uri)}: {one_line(err)}") from err
 
     def activate(self) -> None:
         """Point MLflow's global (fluent) API at this endpoint: needed by ``log_model`` and ``load_model``."""
@@ -120,10 +137,11 @@ class Tracking:
         def announce(state: RetryCallState) -> None:
             failure = state.outcome.exception() if state.outcome is not None else None
             wait_s = state.next_action.sleep if state.next_action is not None else 0.0
-            log.warning(
+            log.log(
+                logging.WARNING if state.attempt_number == 1 else logging.INFO,  # one warning per failing call
                 "MLflow %s failed (%s); retry %d/%d in %.1fs",
                 what,
-                _short(failure),
+                one_line(failure),
                 state.attempt_number,
                 self.retries,
                 wait_s,
@@ -143,9 +161,15 @@ class Tracking:
                 raise
             raise TrackingError(
                 f"MLflow at {display_uri(self.uri)} is unreachable or failing: {what} failed "
-                f"{self.retries + 1} time(s), last error: {_short(err)}. Start the server or fix "
+                f"{self.retries + 1} time(s), last error: {one_line(err)}. Start the server or fix "
                 f"${TRACKING_URI_ENV} (unset it for the embedded store), or set mlflow.enabled=false."
             ) from err
+
+    def once(self) -> Tracking:
+        """This endpoint (the same client) without retries: a last try after the server failed a whole budget."""
+        single = replace(self, retries=0)
+        single._client = self._client
+        return single
 
     def experiment_id(self, name: str, description: str = "") -> str:
         """Id of experiment ``name``, created (or restored from the bin) on first use, with ``description``."""
@@ -169,6 +193,31 @@ class Tracking:
         return experiment.experiment_id
 
 
-def _short(err: BaseException) -> str:
+def _reach_database(uri: str) -> None:
+    """Open and close one connection to the tracking database, with a connect timeout where the driver takes one.
+
+    A refused or unanswered connection becomes :class:`ConnectionError` (transient, so :meth:`Tracking.call` retries
+    it); a missing driver or a malformed URI becomes :class:`TrackingError` at once.
+    """
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError, OperationalError
+    from sqlalchemy.pool import NullPool
+
+    timeout = {"connect_timeout": DATABASE_CONNECT_TIMEOUT_S} if not uri.startswith("mssql") else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args=timeout)
+    except (ImportError, ArgumentError) as err:
+        raise TrackingError(f"cannot use the tracking database {display_uri(uri)}: {one_line(err)}") from err
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as err:
+        raise ConnectionError(f"cannot connect to the database: {one_line(err.orig or err)}") from err
+    finally:
+        engine.dispose()
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line, at most 300 characters: fit for a log line or a :class:`TrackingError`."""
     text = " ".join(str(err).split())
     return text if len(text) <= 300 else text[:300] + "..."
