@@ -131,7 +131,7 @@ def _interval(context: dict[str, Any]) -> Any:
 def _no_retry() -> Iterator[None]:
     """A parameter error or diverging training fails the task at once: a retry with the same settings would fail the
     same way. The reason is the task log's last line."""
-    from airflow.exceptions import AirflowFailException
+    from airflow.sdk.exceptions import AirflowFailException
 
     from pipeline.errors import ParamsError, TrainingDivergedError
 

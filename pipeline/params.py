@@ -29,7 +29,9 @@ MAX_FUTURE_TOLERANCE_S = 10 * 365 * 86_400
 MIRROR_ENV = "HYMOE_DATA_MIRROR"
 MAX_PARAMS_BYTES = 1 << 20  # a parameters file is a few KB: a larger "file" (/dev/zero, a log) is never read
 MAX_YAML_DEPTH = 16  # parameters nest four levels deep; PyYAML composes nesting by recursion
-LAST_DATE = datetime.date(9998, 12, 31)  # the last day whose interval (and a day of tolerance) still fits a datetime
+LAST_DATE = datetime.date(
+    9998, 12, 31
+)  # the last day starting a date: its interval ends well inside a datetime's range
 
 
 @dataclass
@@ -375,7 +377,7 @@ def load_params(path: str | os.PathLike[str] = "params.yaml", overrides: dict[st
     A mistake the file makes on its own is reported with the file's name in front, so the user (or the Airflow
     task log) knows where to fix it; one that only the overrides make is reported as it is.
     """
-    raw = read_params_file(path)
+    raw = _read_params_file(path)
     try:
         params = _build(raw, overrides)
     except ParamsError as err:
@@ -385,7 +387,7 @@ def load_params(path: str | os.PathLike[str] = "params.yaml", overrides: dict[st
     return params
 
 
-def read_params_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+def _read_params_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The parameters file as a mapping; only a regular file of at most :data:`MAX_PARAMS_BYTES` is read."""
     try:
         # non-blocking, so that a FIFO is not waited on but refused; fstat judges what was actually opened
@@ -404,9 +406,9 @@ def read_params_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise ParamsError(f"the parameters file {path} is larger than {MAX_PARAMS_BYTES} bytes")
         raw = parse_yaml(data.decode(), str(path)) or {}
     except (OSError, UnicodeDecodeError) as err:
-        raise ParamsError(f"cannot read the parameters file {path}: {_cut_echo(str(err))}") from err
+        raise ParamsError(f"cannot read the parameters file {path}: {err}") from err
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {_cut_echo(' '.join(str(err).split()))}") from err
+        raise ParamsError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: the top level must be a mapping")
     return raw
@@ -441,7 +443,7 @@ def parse_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - ParamsLoader is a SafeLoader
     except ValueError as err:  # an integer of more digits than Python converts
-        raise ParamsError(f"{source}: {_cut_echo(str(err))}") from err
+        raise ParamsError(f"{source}: {cut(str(err))}") from err
 
 
 def _build(raw: dict[str, Any], overrides: dict[str, Any] | None) -> Params:
@@ -455,7 +457,7 @@ def _build(raw: dict[str, Any], overrides: dict[str, Any] | None) -> Params:
 def _fails_alike(path: str | os.PathLike[str], err: ParamsError) -> bool:
     """Whether the parameters file on its own fails with the same message as with the overrides applied."""
     try:
-        _build(read_params_file(path), None)
+        _build(_read_params_file(path), None)
     except ParamsError as alone:
         return str(alone) == str(err)
     return False
@@ -470,7 +472,7 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ParamsError(
-            f"unknown key(s) {_cut_echo(', '.join(_join(where, str(k)) for k in unknown))}; "
+            f"unknown key(s) {cut(', '.join(_join(where, str(k)) for k in unknown))}; "
             f"valid keys{' under ' + where if where else ''}: {', '.join(sorted(known))}"
         )
     kwargs: dict[str, Any] = {}
@@ -542,7 +544,7 @@ def _join(where: str, key: str) -> str:
 def _cut_echo(message: str) -> str:
     """``message`` with what follows its last ``got `` (the echoed value) cut as :func:`pipeline.errors.cut` cuts."""
     head, sep, echoed = message.rpartition("got ")
-    return head + sep + cut(echoed)
+    return head + sep + cut(echoed) if sep else message
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -555,6 +557,6 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             where = ".".join(parents[: depth + 1])
             raise ParamsError(
-                f"override key {shown(dotted)}: {_cut_echo(where)} is a value, not a section; set it itself"
+                f"override key {shown(dotted)}: {cut(where)} is a value, not a section; set {cut(where)} itself"
             )
     node[leaf] = value
