@@ -97,7 +97,7 @@ def test_an_alias_bomb_in_set_is_refused_within_a_second(params_file: Path) -> N
 
 def test_an_alias_bomb_in_the_params_file_is_refused_within_a_second(params_file: Path) -> None:
     baseline = plain_mistake_seconds(params_file)
-    params_file.write_text(f"bombs: {BOMB}\ndata:\n  custom:\n    event_types: *i\n")
+    params_file.write_text(f"train:\n  epochs: {BOMB}\n")
     done, seconds = run_cli(params_file, "train", timeout=60)
     line = one_line(done, "train", 2)
     assert str(params_file) in line and "anchors and aliases" in line
