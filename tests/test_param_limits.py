@@ -253,3 +253,21 @@ def test_an_impossible_date_in_params_yaml_keeps_the_dag_and_fails_its_first_tas
     assert "AirflowFailException" in log
     assert f"{params_file}: data.timestamps.earliest must be a date (YYYY-MM-DD), got '2024-02-30'" in log
     assert not (tmp_path / "store").exists()
+
+
+def test_a_bad_setting_the_dag_is_built_from_is_its_import_error_naming_key_and_file(tmp_path: Path) -> None:
+    params_file = write_params(tmp_path / "params.yaml", {"retrain.start_date": "2024-02-30"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import runpy, sys; runpy.run_path(sys.argv[1])",
+            str(REPO_ROOT / "dags" / "retrain.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow_home"), "HYMOE_PARAMS": str(params_file)},
+    )
+    assert done.returncode == 1
+    assert f"ValueError: {params_file}: retrain.start_date is invalid, got '2024-02-30'" in done.stderr, done.stderr
