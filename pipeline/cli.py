@@ -3,9 +3,9 @@
 Each command loads and validates ``params.yaml`` and calls the stage declared in :mod:`pipeline.stages`; Airflow
 tasks call the same functions, so there is exactly one definition of every stage.
 
-Exit codes: 0 done; 1 the input or the environment is at fault (a malformed file, an unreachable server); 2 a
-parameter is (``params.yaml``, ``--set`` or an argument). Both print one line, ``error: <stage>: <what and how to
-fix it>``; anything else is a bug and shows its traceback.
+Exit codes: 0 done; 1 the input or the environment is at fault (a malformed file, an unreachable server, training
+that diverged); 2 a parameter is (``params.yaml``, ``--set`` or an argument). Both print one line,
+``error: <stage>: <what and how to fix it>``; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 Every stage takes one of these dataclasses instead of a loose dict, so a typo in ``params.yaml`` fails at once with
 the list of valid keys rather than being silently ignored (which would make ``dvc repro`` reproduce the wrong
 experiment). The same objects are built by the Airflow tasks, so DVC and Airflow run one definition of each stage.
+
+Reading is bounded: only a regular file of at most 1 MiB, YAML without anchors or aliases (an alias bomb) and at
+most 16 levels deep, dates kept as text so that an impossible one is reported by its key; every number must lie
+within :data:`LIMITS`, so that what validation accepts, training can run.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ DistributedDataParallel (gloo on the CPU, NCCL on CUDA); every global batch is s
 (``batch[rank::world]``) and the gradients averaged, rank 0 validates and shares the figures, and only rank 0
 writes the checkpoint, ``model.pt``, ``model.json`` (with ``world_size``) and the log. A resumed run continues from
 the last checkpoint as in one process (each rank then draws fresh dropout masks; exact replay is single-process).
+
+Before the model is built, settings whose training cannot fit the device's memory are refused (:func:`check_memory`);
+an epoch whose mean loss is not finite stops training with :class:`~pipeline.errors.TrainingDivergedError`, checked
+at the epoch's one host sync, so no step waits for it.
 """
 
 from __future__ import annotations
