@@ -323,8 +323,8 @@ class Trainer:
         if not math.isfinite(loss):
             raise TrainingDivergedError(
                 f"training diverged in epoch {epoch + 1}: the mean loss is {loss} (ce {ce}, lb {lb}); lower train.lr "
-                f"({cfg.lr:g}) or train.weight_decay ({cfg.weight_decay:g}), or set train.grad_clip "
-                f"({cfg.grad_clip:g}); the last good epoch's checkpoint is kept"
+                f"({cfg.lr:g}) or train.weight_decay ({cfg.weight_decay:g}), or clip gradients harder "
+                f"(train.grad_clip {cfg.grad_clip:g}); no model was written for this run"
             )
         last_stats = out.stats if out is not None else {}  # the epoch's last step, as logged before
         return {
