@@ -23,12 +23,22 @@ torch and MLflow load inside the tasks. Settings come from the ``retrain:`` sect
 hyperparameters for that run only: ``model.*``, the training hyperparameters and the retraining gates
 (``retrain.min_new_events``, ``retrain.warm_start``); a path or store location is refused, failing the run with the
 reason in the task log.
+
+Parameter mistakes: the settings the DAG itself is built from (``retrain.schedule``, ``start_date``, ``retries``,
+``retry_delay_s``, ``max_retry_delay_s``, ``store_dir``) are checked when this file is parsed, and a mistake there is
+the DAG's import error, naming key and file. Every other mistake in the params file, and a run's conf whose values
+fail validation (``train.lr=1e30``, ``train.seed=-1``), fails the run's first task with ``AirflowFailException``
+(no retries, nothing merged), the key and file in its log: the DAG stays listed with its history, and the failed
+run is where the retraining's failures are watched. Settings that do not fit the machine's memory and training that
+diverges fail ``train`` the same way, without retries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +47,60 @@ from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, task
 
 PARAMS_FILE = Path(os.environ.get("HYMOE_PARAMS") or Path(__file__).resolve().parents[1] / "params.yaml").resolve()
 REQUIRED = ("schedule", "start_date", "store_dir", "retries", "retry_delay_s", "max_retry_delay_s")
+MAX_PARAMS_BYTES = 1 << 20  # as pipeline.params (not imported here: parsing stays light)
+
+
+class _Loader(yaml.SafeLoader):
+    """Dates stay text, as in ``pipeline.params``: an impossible one elsewhere in the file (``2024-02-30``) is for
+    the run's first task to report by key, not a constructor error that hides the DAG."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 
 
 def _settings() -> dict[str, Any]:
-    retrain = (yaml.safe_load(PARAMS_FILE.read_text()) or {}).get("retrain") or {}
+    """The ``retrain`` settings the DAG is built from, checked: a mistake names its key and the file."""
+    if not PARAMS_FILE.is_file() or PARAMS_FILE.stat().st_size > MAX_PARAMS_BYTES:
+        raise ValueError(f"{PARAMS_FILE}: not a parameters file (a regular file of at most {MAX_PARAMS_BYTES} bytes)")
+    try:
+        raw = yaml.load(PARAMS_FILE.read_text(), Loader=_Loader) or {}  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
+        raise ValueError(f"{PARAMS_FILE} is not valid YAML: {' '.join(str(err).split())[:300]}") from None
+    retrain = (raw.get("retrain") if isinstance(raw, dict) else None) or {}
     missing = [key for key in REQUIRED if key not in retrain]
     if missing:
         raise KeyError(f"{PARAMS_FILE}: the retrain section lacks {', '.join(missing)}")
+    valid = {
+        "schedule": retrain["schedule"] is None or isinstance(retrain["schedule"], str),
+        "start_date": _is_date(retrain["start_date"]),
+        "store_dir": isinstance(retrain["store_dir"], str),
+        "retries": _is_number(retrain["retries"], 0, 100, int),
+        "retry_delay_s": _is_number(retrain["retry_delay_s"], 1e-3, 86_400),
+        "max_retry_delay_s": _is_number(retrain["max_retry_delay_s"], 1e-3, 7 * 86_400),
+    }
+    for key, ok in valid.items():
+        if not ok:
+            raise ValueError(
+                f"{PARAMS_FILE}: retrain.{key} is invalid, got {repr(retrain[key])[:120]} (schedule: a cron "
+                "expression or null; start_date: YYYY-MM-DD from 1970-01-01; retries: 0..100; retry_delay_s: "
+                "up to 86400; max_retry_delay_s: up to 604800)"
+            )
     return retrain
+
+
+def _is_date(value: Any) -> bool:
+    try:
+        return date(1970, 1, 1) <= date.fromisoformat(str(value)) < date(9999, 1, 1)
+    except ValueError:
+        return False
+
+
+def _is_number(value: Any, low: float, high: float, kind: type = float) -> bool:
+    types = int if kind is int else (int, float)
+    return isinstance(value, types) and not isinstance(value, bool) and low <= value <= high
 
 
 SETTINGS = _settings()
@@ -71,16 +127,26 @@ def _interval(context: dict[str, Any]) -> Any:
     return Interval(start, end)
 
 
-def _overrides(context: dict[str, Any]) -> dict[str, Any]:
-    from airflow.exceptions import AirflowFailException
+@contextlib.contextmanager
+def _no_retry() -> Iterator[None]:
+    """A parameter error or diverging training fails the task at once: a retry with the same settings would fail the
+    same way. The reason is the task log's last line."""
+    from airflow.sdk.exceptions import AirflowFailException
 
-    from pipeline.ingest.retrain import run_overrides
-    from pipeline.params import ParamsError
+    from pipeline.errors import ParamsError, TrainingDivergedError
 
     try:
-        return run_overrides(context["params"])
-    except ParamsError as err:  # a retry cannot fix the conf: fail at once, the reason in the task log
+        yield
+    except (ParamsError, TrainingDivergedError) as err:
         raise AirflowFailException(str(err)) from err
+
+
+def _overrides(context: dict[str, Any]) -> dict[str, Any]:
+    """The run's conf overrides, refused (with the params file validated with them) at the first task that asks."""
+    from pipeline.ingest.retrain import run_overrides
+
+    with _no_retry():
+        return run_overrides(context["params"], PARAMS_FILE)
 
 
 @dag(
@@ -152,7 +218,8 @@ def hymoerec_retrain() -> None:
     def train(**context: Any) -> dict[str, Any]:
         from pipeline.ingest import retrain
 
-        return retrain.train_model(PARAMS_FILE, _interval(context), _overrides(context))
+        with _no_retry():  # too big for the machine's memory, or diverged
+            return retrain.train_model(PARAMS_FILE, _interval(context), _overrides(context))
 
     @task
     def evaluate(**context: Any) -> None:

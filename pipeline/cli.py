@@ -3,9 +3,9 @@
 Each command loads and validates ``params.yaml`` and calls the stage declared in :mod:`pipeline.stages`; Airflow
 tasks call the same functions, so there is exactly one definition of every stage.
 
-Exit codes: 0 done; 1 the input or the environment is at fault (a malformed file, an unreachable server); 2 a
-parameter is (``params.yaml``, ``--set`` or an argument). Both print one line, ``error: <stage>: <what and how to
-fix it>``; anything else is a bug and shows its traceback.
+Exit codes: 0 done; 1 the input or the environment is at fault (a malformed file, an unreachable server, training
+that diverged); 2 a parameter is (``params.yaml``, ``--set`` or an argument). Both print one line,
+``error: <stage>: <what and how to fix it>``; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import date
 
-from pipeline.errors import PipelineError
-from pipeline.params import Params, ParamsError, load_params
+from pipeline.errors import PipelineError, cut, shown
+from pipeline.params import Params, ParamsError, load_params, parse_yaml
 from pipeline.stages import STAGES
 
 # Commands that take arguments besides the parameters: name -> (help, add_arguments, run(args, params)).
@@ -135,12 +135,15 @@ def _parse_overrides(items: list[str]) -> dict[str, object]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ParamsError(f"--set expects KEY=VALUE, got {item!r}")
+            raise ParamsError(f"--set expects KEY=VALUE, got {shown(item)}")
+        key = key.strip()
         try:
-            overrides[key.strip()] = yaml.safe_load(value)
+            overrides[key] = parse_yaml(value, f"--set {cut(key)}")
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or "not a YAML value"
-            raise ParamsError(f"--set {key.strip()}: {value!r} is not a YAML value ({problem}); quote strings") from err
+            raise ParamsError(
+                f"--set {cut(key)}: {shown(value)} is not a YAML value ({cut(problem)}); quote strings"
+            ) from err
     return overrides
 
 
@@ -148,4 +151,4 @@ def _date_argument(flag: str, value: str) -> date:
     try:
         return date.fromisoformat(value)
     except ValueError as err:
-        raise ParamsError(f"{flag} must be a date (YYYY-MM-DD), got {value!r}") from err
+        raise ParamsError(f"{flag} must be a date (YYYY-MM-DD), got {shown(value)}") from err

@@ -128,6 +128,17 @@ def tiny_retrain(root: Path, **extra: Any) -> dict[str, Any]:
     }
 
 
+def migrate_airflow() -> None:
+    """``airflow db migrate`` of the Airflow home set in the environment (the tests' private one)."""
+    migrate = subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+
+
 def tiny_overrides(root: Path, **extra: Any) -> dict[str, Any]:
     """A model and data small enough that an epoch takes well under a second on two CPU cores."""
     return {

@@ -37,6 +37,7 @@ from tests.conftest import (
     REPO_ROOT,
     MlflowServer,
     free_port,
+    migrate_airflow,
     postgres_database,
     require_service,
     tiny_retrain,
@@ -97,13 +98,7 @@ def world(world_root: Path) -> Iterator[dict[str, Any]]:
             pytest.skip("Airflow was imported before this module set AIRFLOW_HOME; run this file on its own")
         write_params(params_file, tiny_retrain(world_root, **{"mlflow.enabled": True}))
         replay(load_params(params_file), CUT, "week")
-        migrate = subprocess.run(
-            [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+        migrate_airflow()
         from airflow.dag_processing.dagbag import DagBag
 
         bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))

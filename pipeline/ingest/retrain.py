@@ -31,21 +31,24 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, is_dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline.errors import shown
 from pipeline.ingest.inbox import collect, to_utc
 from pipeline.ingest.store import count_events, merge
 from pipeline.ingest.validate import BatchOutputs, validate_logs
 from pipeline.io import write_json_atomic
-from pipeline.params import Params, ParamsError, load_params
+from pipeline.params import LAST_DATE, Params, ParamsError, load_params
 
 log = logging.getLogger(__name__)
 
 Overrides = dict[str, Any] | None
+FIRST = datetime(1970, 1, 1, tzinfo=UTC)  # no event before it is valid (data.timestamps.earliest)
+LAST = datetime.combine(LAST_DATE + timedelta(days=1), time(), UTC)  # an interval ends by then
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,15 @@ class Interval:
     end: datetime
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "start", to_utc(self.start))
-        object.__setattr__(self, "end", to_utc(self.end))
+        try:
+            object.__setattr__(self, "start", to_utc(self.start))
+            object.__setattr__(self, "end", to_utc(self.end))
+        except OverflowError as err:  # 0001-01-01 with a positive offset: no UTC moment in a datetime's range
+            raise _outside_range(f"[{self.start}, {self.end})") from err
         if self.start >= self.end:
             raise ParamsError(f"an interval needs start < end, got [{self.start}, {self.end})")
+        if self.start < FIRST or self.end > LAST:  # no valid event lies outside, and the far end overflows
+            raise _outside_range(f"[{self.start}, {self.end})")
 
     @classmethod
     def parse(cls, start: str | datetime, end: str | datetime | None = None) -> Interval:
@@ -69,13 +77,22 @@ class Interval:
             finish = datetime.fromisoformat(end) if isinstance(end, str) else end
         except ValueError as err:
             raise ParamsError(
-                f"an interval needs ISO dates or date-times (2024-01-05), got {start!r}, {end!r}"
+                f"an interval needs ISO dates or date-times (2024-01-05), got {shown(start)}, {shown(end)}"
             ) from err
-        return cls(begin, finish if finish is not None else to_utc(begin) + timedelta(days=1))
+        if finish is None:
+            try:
+                finish = to_utc(begin) + timedelta(days=1)
+            except OverflowError as err:
+                raise _outside_range(f"start {begin}") from err
+        return cls(begin, finish)
 
     @property
     def name(self) -> str:
         return f"{self.start:%Y%m%dT%H%M%S}_{self.end:%Y%m%dT%H%M%S}"
+
+
+def _outside_range(got: str) -> ParamsError:
+    return ParamsError(f"an interval must lie within [{FIRST:%Y-%m-%d}, {LAST:%Y-%m-%d}) (UTC), got {got}")
 
 
 @contextlib.contextmanager
@@ -146,8 +163,9 @@ RUN_CONF_KEYS = frozenset(
 )
 
 
-def run_overrides(conf: dict[str, Any] | None) -> dict[str, Any]:
-    """The ``overrides`` of a DAG run's conf, refused whole when one key is outside the allow-list."""
+def run_overrides(conf: dict[str, Any] | None, params_file: str | Path | None = None) -> dict[str, Any]:
+    """The ``overrides`` of a DAG run's conf, refused whole when one key is outside the allow-list or, given the
+    params file, when the parameters they make fail validation (out-of-range values: ``train.lr=1e30``)."""
     overrides = dict((conf or {}).get("overrides") or {})
     refused = sorted(key for key in overrides if key not in RUN_CONF_KEYS and not key.startswith(RUN_CONF_SECTIONS))
     if refused:
@@ -156,6 +174,13 @@ def run_overrides(conf: dict[str, Any] | None) -> dict[str, Any]:
             f"run conf overrides {refused} are not allowed: a run may change only {allowed}. Paths, stores and "
             "data settings come from params.yaml; change them there (or with --set on the command line)."
         )
+    if params_file is not None:
+        try:
+            load_params(params_file, overrides)
+        except ParamsError as err:  # the file's own mistakes are named with the file already
+            if str(err).startswith(str(params_file)):
+                raise
+            raise ParamsError(f"run conf overrides: {err}") from err
     return overrides
 
 

@@ -10,6 +10,10 @@ DistributedDataParallel (gloo on the CPU, NCCL on CUDA); every global batch is s
 (``batch[rank::world]``) and the gradients averaged, rank 0 validates and shares the figures, and only rank 0
 writes the checkpoint, ``model.pt``, ``model.json`` (with ``world_size``) and the log. A resumed run continues from
 the last checkpoint as in one process (each rank then draws fresh dropout masks; exact replay is single-process).
+
+Before the model is built, settings whose training cannot fit the device's memory are refused (:func:`check_memory`);
+an epoch whose mean loss is not finite stops training with :class:`~pipeline.errors.TrainingDivergedError`, checked
+at the epoch's one host sync, so no step waits for it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -34,12 +39,12 @@ from tqdm import tqdm
 from pipeline.data.layout import PreprocessOutputs, num_items
 from pipeline.data.sequences import eval_split, training_sequences
 from pipeline.device import autocast_dtype, pick_device, setup_distributed
-from pipeline.errors import BadInputError, PipelineError
+from pipeline.errors import BadInputError, PipelineError, TrainingDivergedError
 from pipeline.evaluation.metrics import summarise
 from pipeline.evaluation.ranking import rank_split
 from pipeline.io import atomic_path, file_digest, write_json_atomic
 from pipeline.model import build_model
-from pipeline.model.config import ModelConfig
+from pipeline.model.config import TRANSFORMER_KINDS, ModelConfig
 from pipeline.model.files import ModelFiles, save_weights
 from pipeline.model.train_log import LOG_COLUMNS, train_log_path, write_log
 from pipeline.params import Params, ParamsError, from_dict
@@ -187,6 +192,7 @@ class Trainer:
         self.lengths = (sequences.inputs > 0).sum(1)
         self.inputs = torch.from_numpy(sequences.inputs)
         self.targets = torch.from_numpy(sequences.targets)
+        check_memory(params, self.num_items, len(self.inputs), int(self.lengths.max()) + 1, self.device)
 
         seed_everything(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         self.model = build_model(params.model, self.num_items).to(self.device)
@@ -313,7 +319,13 @@ class Trainer:
             if not bar.disable:  # a terminal is watching: its loss is worth a sync
                 bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
         n_batches = max(1, len(batches))
-        loss, ce, lb = (totals / n_batches).tolist()
+        loss, ce, lb = (totals / n_batches).tolist()  # the epoch's one host sync, which also tells divergence
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(
+                f"training diverged in epoch {epoch + 1}: the mean loss is {loss} (ce {ce}, lb {lb}); lower train.lr "
+                f"({cfg.lr:g}) or train.weight_decay ({cfg.weight_decay:g}), or clip gradients harder "
+                f"(train.grad_clip {cfg.grad_clip:g}); no model was written for this run"
+            )
         last_stats = out.stats if out is not None else {}  # the epoch's last step, as logged before
         return {
             "epoch": epoch + 1,
@@ -429,6 +441,55 @@ class Trainer:
             resumed_after_epoch=self.resumed_after_epoch,
             history=list(state.history),
         )
+
+
+def training_memory_bytes(model: ModelConfig, train: Any, num_items: int, sequences: int, width: int) -> int:
+    """A rough lower estimate of the memory training needs: weights with their gradients and AdamW's two moments,
+    and the largest tensors of one step (the scores over the catalogue, attention, the per-token activations of
+    every layer) or of one validation chunk. Only the terms that grow with the settings are counted, so a run this
+    refuses could never have trained; one it accepts may still be tight."""
+    h, layers, tokens = model.hidden_size, model.num_layers, min(train.batch_size, sequences) * width
+    items = num_items + 1
+    ffn = active = model.ffn_hidden  # inner widths: of the FFN weights, of what one token computes
+    if model.uses_moe:
+        moe = model.moe
+        ffn, active = (
+            moe.dense_hidden + moe.num_experts * moe.expert_hidden,
+            moe.dense_hidden + moe.top_k * moe.expert_hidden,
+        )
+    if model.kind == "narm":
+        layers, ffn = model.narm.num_layers, 3 * model.narm.hidden_size
+        active = ffn
+    elif model.kind == "mamba4rec":  # the selective scan keeps expand * d * d_state values per position
+        layers, ffn = model.mamba.num_layers, model.mamba.expand * h
+        active = ffn * (model.mamba.d_state + 4)
+    weights = items * h + layers * (4 * h * h + 2 * h * ffn)
+    per_token = layers * (10 * h + 2 * active) + 2 * (train.num_negatives + 1 if train.num_negatives else items)
+    attention = 2 * layers * model.num_heads * width if model.kind in TRANSFORMER_KINDS else 0
+    step = tokens * (per_token + attention)
+    validation = min(train.eval_batch_size, sequences) * items
+    return 16 * weights + 4 * max(step, validation)
+
+
+def check_memory(params: Params, num_items: int, sequences: int, width: int, device: torch.device) -> None:
+    """Refuse settings whose training cannot fit the device's memory before anything is allocated: with them
+    ``build_model`` or the first step would die of an allocation failure after minutes, or swap the host."""
+    width = min(width, params.model.max_seq_len)
+    need = training_memory_bytes(params.model, params.train, num_items, sequences, width)
+    have = _device_memory(device)
+    if need > have:
+        raise ParamsError(
+            f"training would need at least {need / 2**30:.1f} GiB ({num_items} items, model.hidden_size "
+            f"{params.model.hidden_size}, model.num_layers {params.model.num_layers}, batches of "
+            f"{params.train.batch_size} x {width} positions) but the {device.type} has {have / 2**30:.1f} GiB: "
+            "lower model.hidden_size, the layer or FFN sizes, train.batch_size or model.max_seq_len"
+        )
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def catalogue_fingerprint(item_map: str | Path) -> str:
