@@ -26,6 +26,7 @@ from pipeline.data.readers import (
     INCOMPLETE,
     MAX_COLUMNS,
     MAX_FILE_BYTES,
+    MAX_JSONL_BYTES,
     MAX_LINE_CHARS,
     TOO_LONG,
     read_custom,
@@ -143,21 +144,26 @@ def test_a_file_that_grows_while_it_is_read_is_refused(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- bounded memory
-def test_a_gzip_bomb_ends_in_one_line_under_a_4_gib_address_space(tmp_path: Path) -> None:
-    """A small ``.csv.gz`` of well-formed rows that inflates past the limit (was: inflated whole, MemoryError)."""
-    bomb = tmp_path / "logs" / "bomb.csv.gz"
+@pytest.mark.parametrize(("name", "limit"), [("bomb.csv.gz", MAX_FILE_BYTES), ("bomb.jsonl.gz", MAX_JSONL_BYTES)])
+def test_a_gzip_bomb_ends_in_one_line_under_a_4_gib_address_space(tmp_path: Path, name: str, limit: int) -> None:
+    """A small gzip of well-formed rows that inflates past the limit (was: inflated whole, MemoryError)."""
+    bomb = tmp_path / "logs" / name
     bomb.parent.mkdir()
-    rows = f"u1,i1,{T0}\n".encode() * (2**20 // 16)
+    if name.endswith(".csv.gz"):
+        head, row = b"user_id,item_id,timestamp\n", f"u1,i1,{T0}\n".encode()
+    else:
+        head, row = b"", (json.dumps({"user_id": "u1", "item_id": "i1", "timestamp": T0}) + "\n").encode()
+    rows = row * (2**20 // len(row))
     with gzip.open(bomb, "wb", compresslevel=9) as handle:  # streamed: never held in memory whole
-        handle.write(b"user_id,item_id,timestamp\n")
+        handle.write(head)
         written = 0
-        while written <= MAX_FILE_BYTES:
+        while written <= limit:
             handle.write(rows)
             written += len(rows)
-    assert bomb.stat().st_size < MAX_FILE_BYTES // 100
+    assert bomb.stat().st_size < limit // 100
     done = download_cli(tmp_path, bomb.parent, address_space=ADDRESS_SPACE)
     line = assert_one_line_error(done, "download", 1)
-    assert f"{bomb}: inflates to more than the limit of {MAX_FILE_BYTES:,} bytes per file" in line
+    assert f"{bomb}: inflates to more than the limit of {limit:,} bytes per file (a gzip bomb?" in line
 
 
 def test_a_million_column_header_ends_in_one_line_under_a_4_gib_address_space(tmp_path: Path) -> None:

@@ -11,6 +11,12 @@ place that types them, so download and ingest accept and refuse exactly the same
 reason instead of dropping them (see :mod:`pipeline.data.quarantine`). Lines are physical lines: split at ``\\n``
 (a trailing ``\\r`` dropped), counted from 1; a line that is not valid text in the file's encoding is quarantined
 on its own and the rest of the file is read.
+
+Only complete data is read: a last line without its newline (a write cut short, or a writer still appending) is
+quarantined, never an event, and a file that changes while it is read is refused. Memory is bounded by the limits
+below, not by the input: files are inflated as a stream and refused past ``MAX_FILE_BYTES`` (``MAX_JSONL_BYTES`` for
+JSON lines), lines over ``MAX_LINE_CHARS`` are quarantined, and a CSV header over ``MAX_COLUMNS`` is refused before
+it is parsed. A column named twice is refused (a JSON record giving a key twice is quarantined).
 """
 
 from __future__ import annotations
@@ -44,12 +50,13 @@ STRAY_CR = "carriage return inside the line"
 OPEN_QUOTE = 'unbalanced double quotes (an odd number of ")'
 LINE_COLUMN = "__hymoe_line__"  # the physical line number the CSV reader carries through pyarrow with every row
 MAX_SHOWN = 120  # characters of a file's content an error message may quote
-# Limits that keep a reader's memory bounded by them, not by its input (documented in the README). At the file
-# limit a CSV or JSON-lines file peaks below 3 GiB resident while read, so a 4 GiB address space is enough.
-MAX_FILE_BYTES = 256 * 2**20  # bytes of text per file, after gunzip; split larger logs into several files
+# Limits that keep a reader's memory bounded by them, not by its input (documented in the README): a file at its
+# limit is read within a 4 GiB address space. A CSV row costs far more memory per byte than a JSON record, which
+# repeats its keys (Amazon's Beauty reviews, about 100 MB of JSON lines, must fit).
+MAX_FILE_BYTES = 64 * 2**20  # bytes of text per file, after gunzip; split larger logs into several files
+MAX_JSONL_BYTES = 256 * 2**20  # the same for a JSON-lines file
 MAX_LINE_CHARS = 2**20  # characters per line; a longer line is quarantined
 MAX_COLUMNS = 1_000  # columns a CSV header or Parquet schema may have
-TOO_BIG = f"the limit of {MAX_FILE_BYTES:,} bytes per file"
 TOO_LONG = f"line longer than {MAX_LINE_CHARS:,} characters"
 INCOMPLETE = "incomplete last line: no newline at the end of the file (cut mid-write?)"
 CHANGED = (
@@ -62,20 +69,23 @@ INFLATE_CHUNK = 1 << 20  # bytes read, and most bytes inflated, per step
 
 
 # --------------------------------------------------------------------------------------------------- raw text
-def read_bytes(path: str | os.PathLike[str]) -> bytes | bytearray:
+def read_bytes(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> bytes | bytearray:
     """The file's bytes, gunzipped when it starts with the gzip magic (not judged by its name).
 
-    Memory stays bounded by the limits, not by the input: a plain file over ``MAX_FILE_BYTES`` is refused before
+    Memory stays bounded by the limits, not by the input: a plain file over ``limit`` bytes is refused before
     it is read, and a gzip stream is inflated piece by piece and refused once it passes the same limit (a 3 MB
     gzip bomb never becomes 3 GiB). Only the bytes present at the start are read, and a file whose size or
     modification time differs afterwards is refused: a writer was still at it, and half its data must not be merged.
     """
     with open(path, "rb") as handle:
         before = os.fstat(handle.fileno())
-        if before.st_size > MAX_FILE_BYTES:
-            raise BadInputError(f"{path}: {before.st_size:,} bytes, over {TOO_BIG} (split the log into smaller files)")
+        if before.st_size > limit:
+            raise BadInputError(
+                f"{path}: {before.st_size:,} bytes, over the limit of {limit:,} per file (split the log into "
+                "smaller files)"
+            )
         if handle.peek(2)[:2] == GZIP_MAGIC:
-            data: bytes | bytearray = _inflate(handle, before.st_size, path)
+            data: bytes | bytearray = _inflate(handle, before.st_size, limit, path)
         else:
             data = handle.read(before.st_size)
         after = os.fstat(handle.fileno())
@@ -84,9 +94,9 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes | bytearray:
     return data
 
 
-def _inflate(handle: BinaryIO, size: int, path: str | os.PathLike[str]) -> bytearray:
+def _inflate(handle: BinaryIO, size: int, limit: int, path: str | os.PathLike[str]) -> bytearray:
     """The content of a ``size``-byte gzip file (one or more members), inflated a chunk at a time and refused past
-    ``MAX_FILE_BYTES``."""
+    ``limit`` bytes."""
     inflated = bytearray()
     inflater = zlib.decompressobj(GZIP_WBITS)
     pending = b""
@@ -104,8 +114,11 @@ def _inflate(handle: BinaryIO, size: int, path: str | os.PathLike[str]) -> bytea
                 inflater = zlib.decompressobj(GZIP_WBITS)
             inflated += inflater.decompress(pending, INFLATE_CHUNK)
             pending = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
-            if len(inflated) > MAX_FILE_BYTES:
-                raise BadInputError(f"{path}: inflates to more than {TOO_BIG} (a gzip bomb? else split the log)")
+            if len(inflated) > limit:
+                raise BadInputError(
+                    f"{path}: inflates to more than the limit of {limit:,} bytes per file (a gzip bomb? else split "
+                    "the log into smaller files)"
+                )
     except zlib.error as err:
         raise BadInputError(f"{path}: starts like a gzip file but cannot be decompressed ({err})") from err
     if not inflater.eof:
@@ -396,7 +409,7 @@ def read_jsonl(
     paths see the same bytes.
     """
     source = str(path)
-    data = read_bytes(path)
+    data = read_bytes(path, MAX_JSONL_BYTES)
     fast = _jsonl_fast(source, data, columns)
     if fast is not None:
         parts, bad, reasons = fast
@@ -654,8 +667,7 @@ def _read_csv(path: Path, columns: dict[str, str], delimiter: str, window: Times
             invalid.append((-1, "unparsable row"))
         return "skip"
 
-    numbered = pd.Series(body + 1).astype("string") + delimiter + lines.iloc[body].reset_index(drop=True)
-    payload = (f'"{LINE_COLUMN}"{delimiter}{lines.iloc[header_at]}\n' + "\n".join(numbered.tolist())).encode()
+    payload = _numbered_csv(lines, header_at, body, delimiter)
     wanted = list(dict.fromkeys(columns.values()))
     try:
         table = pacsv.read_csv(
@@ -670,8 +682,10 @@ def _read_csv(path: Path, columns: dict[str, str], delimiter: str, window: Times
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise BadInputError(f"{path} is not a readable CSV log ({_shown(err)})") from err
+    del payload  # a copy of the file: freed before the events are typed, which keeps the peak memory down
     frame = pd.DataFrame({c: _arrow_to_text(table.column(k)) for c, k in columns.items()})
     line_no = pd.Series(table.column(LINE_COLUMN).to_numpy())
+    del table
     raw = lines.iloc[line_no.to_numpy() - 1].reset_index(drop=True)
     result = validate_events(
         str(path),
@@ -695,6 +709,12 @@ def _read_csv(path: Path, columns: dict[str, str], delimiter: str, window: Times
     ]
     result.bad_rows = pd.concat([*rejected, result.bad_rows], ignore_index=True).sort_values("line", kind="stable")
     return result
+
+
+def _numbered_csv(lines: pd.Series, header_at: int, body: np.ndarray, delimiter: str) -> bytes:
+    """The CSV text pyarrow parses: the header and the ``body`` lines, each led by its physical line number."""
+    numbered = pd.Series(body + 1).astype("string") + delimiter + lines.iloc[body].reset_index(drop=True)
+    return (f'"{LINE_COLUMN}"{delimiter}{lines.iloc[header_at]}\n' + "\n".join(numbered.tolist())).encode()
 
 
 def _csv_header(path: Path, line: str, delimiter: str) -> list[str]:
