@@ -181,7 +181,9 @@ def _complete_end(source: str, data: bytes | bytearray) -> tuple[int, pd.DataFra
     tail = bytes(data[end:])
     if not tail.strip():
         return end, empty_bad_rows()
-    shown = _shown(tail[: MAX_SHOWN + 1].decode("utf-8", errors="backslashreplace"))
+    shown = tail[:MAX_SHOWN].decode("utf-8", errors="backslashreplace")
+    if len(tail) > MAX_SHOWN:
+        shown += f"... ({len(tail):,} bytes)"
     return end, bad_rows_frame(source, pd.Series([0]), pd.Series([INCOMPLETE]), pd.Series([shown]))
 
 
