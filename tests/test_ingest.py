@@ -119,7 +119,8 @@ def test_validate_quarantines_bad_rows_with_reasons_and_keeps_the_good(tmp_path:
         f"u9,i9,{T0 * 1000}\n"  # line 45: milliseconds
         f"u9,i9,{T0},extra\n",  # line 46: extra field
     )
-    jsonl = write_text(tmp_path / "2024-01-05.jsonl", json.dumps({"user_id": "v1", "item_id": "i1", "timestamp": T0}))
+    record = json.dumps({"user_id": "v1", "item_id": "i1", "timestamp": T0})
+    jsonl = write_text(tmp_path / "2024-01-05.jsonl", record + "\n")  # complete: a last line ends with its newline
     report = validate_logs([csv, jsonl], CustomSourceParams(), 0.2, tmp_path / "out", now=T0 + DAY)
     assert (report.files, report.rows, report.events, report.malformed, report.duplicates) == (2, 46, 41, 4, 1)
     outputs = BatchOutputs.under(tmp_path / "out")

@@ -11,20 +11,26 @@ place that types them, so download and ingest accept and refuse exactly the same
 reason instead of dropping them (see :mod:`pipeline.data.quarantine`). Lines are physical lines: split at ``\\n``
 (a trailing ``\\r`` dropped), counted from 1; a line that is not valid text in the file's encoding is quarantined
 on its own and the rest of the file is read.
+
+Only complete data is read: a last line without its newline (a write cut short, or a writer still appending) is
+quarantined, never an event, and a file that changes while it is read is refused. Memory is bounded by the limits
+below, not by the input: files are inflated as a stream and refused past ``MAX_FILE_BYTES`` (``MAX_JSONL_BYTES`` for
+JSON lines), lines over ``MAX_LINE_CHARS`` are quarantined, and a CSV header over ``MAX_COLUMNS`` is refused before
+it is parsed. A column named twice is refused (a JSON record giving a key twice is quarantined).
 """
 
 from __future__ import annotations
 
 import codecs
 import glob
-import gzip
 import json
 import logging
 import os
 import re
 import zlib
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -44,53 +50,155 @@ STRAY_CR = "carriage return inside the line"
 OPEN_QUOTE = 'unbalanced double quotes (an odd number of ")'
 LINE_COLUMN = "__hymoe_line__"  # the physical line number the CSV reader carries through pyarrow with every row
 MAX_SHOWN = 120  # characters of a file's content an error message may quote
+# Limits that keep a reader's memory bounded by them, not by its input (documented in the README): a file at its
+# limit is read within a 4 GiB address space. A CSV row costs far more memory per byte than a JSON record, which
+# repeats its keys (Amazon's Beauty reviews, about 100 MB of JSON lines, must fit).
+MAX_FILE_BYTES = 64 * 2**20  # bytes of text per file, after gunzip; split larger logs into several files
+MAX_JSONL_BYTES = 256 * 2**20  # the same for a JSON-lines file
+MAX_LINE_CHARS = 2**20  # characters per line; a longer line is quarantined
+MAX_COLUMNS = 1_000  # columns a CSV header or Parquet schema may have
+TOO_LONG = f"line longer than {MAX_LINE_CHARS:,} characters"
+INCOMPLETE = "incomplete last line: no newline at the end of the file (cut mid-write?)"
+CHANGED = (
+    "changed while it was read: a writer is still appending; write the file elsewhere and rename it into place "
+    "when complete, and it is read on the next run"
+)
+GZIP_MAGIC = b"\x1f\x8b"
+GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib reads the gzip header and checks the CRC and length trailer
+INFLATE_CHUNK = 1 << 20  # bytes read, and most bytes inflated, per step
 
 
 # --------------------------------------------------------------------------------------------------- raw text
-def read_bytes(path: str | os.PathLike[str]) -> bytes:
-    """The file's bytes, gunzipped when it starts with the gzip magic (not judged by its name)."""
+def read_bytes(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> bytes | bytearray:
+    """The file's bytes, gunzipped when it starts with the gzip magic (not judged by its name).
+
+    Memory stays bounded by the limits, not by the input: a plain file over ``limit`` bytes is refused before
+    it is read, and a gzip stream is inflated piece by piece and refused once it passes the same limit (a 3 MB
+    gzip bomb never becomes 3 GiB). Only the bytes present at the start are read, and a file whose size or
+    modification time differs afterwards is refused: a writer was still at it, and half its data must not be merged.
+    """
     with open(path, "rb") as handle:
-        data = handle.read()
-    if data[:2] != b"\x1f\x8b":
-        return data
+        before = os.fstat(handle.fileno())
+        if before.st_size > limit:
+            raise BadInputError(
+                f"{path}: {before.st_size:,} bytes, over the limit of {limit:,} per file (split the log into "
+                "smaller files)"
+            )
+        if handle.peek(2)[:2] == GZIP_MAGIC:
+            data: bytes | bytearray = _inflate(handle, before.st_size, limit, path)
+        else:
+            data = handle.read(before.st_size)
+        after = os.fstat(handle.fileno())
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        raise BadInputError(f"{path}: {CHANGED}")
+    return data
+
+
+def _inflate(handle: BinaryIO, size: int, limit: int, path: str | os.PathLike[str]) -> bytearray:
+    """The content of a ``size``-byte gzip file (one or more members), inflated a chunk at a time and refused past
+    ``limit`` bytes."""
+    inflated = bytearray()
+    inflater = zlib.decompressobj(GZIP_WBITS)
+    pending = b""
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as err:
+        while True:
+            if not pending:
+                pending = handle.read(min(INFLATE_CHUNK, size - handle.tell()))
+                if not pending:
+                    inflated += inflater.flush()
+                    break
+            if inflater.eof:  # another member follows (concatenated gzip files), or zero padding
+                if not pending.strip(b"\0"):
+                    pending = b""
+                    continue
+                inflater = zlib.decompressobj(GZIP_WBITS)
+            inflated += inflater.decompress(pending, INFLATE_CHUNK)
+            pending = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
+            if len(inflated) > limit:
+                raise BadInputError(
+                    f"{path}: inflates to more than the limit of {limit:,} bytes per file (a gzip bomb? else split "
+                    "the log into smaller files)"
+                )
+    except zlib.error as err:
         raise BadInputError(f"{path}: starts like a gzip file but cannot be decompressed ({err})") from err
+    if not inflater.eof:
+        raise BadInputError(
+            f"{path}: starts like a gzip file but cannot be decompressed (the compressed stream ends early: "
+            "cut short, or still being written)"
+        )
+    return inflated
 
 
 def read_text_lines(path: str | os.PathLike[str], encoding: str = "utf-8") -> tuple[pd.Series, pd.DataFrame]:
-    """Physical lines of a plain or gzip text file, and the quarantine rows of lines that do not decode.
+    """Physical lines of a plain or gzip text file, and the quarantine rows of lines that cannot be read."""
+    return split_lines(str(path), read_bytes(path), encoding)
 
-    An undecodable line comes back as ``""`` (so readers skip it like a blank line) and is quarantined with its
-    bytes shown escaped. A UTF-8 byte-order mark at the start is dropped.
+
+def split_lines(source: str, data: bytes | bytearray, encoding: str = "utf-8") -> tuple[pd.Series, pd.DataFrame]:
+    """The physical lines of ``data`` and the quarantine rows of those that cannot be events.
+
+    A line that does not decode, one over ``MAX_LINE_CHARS`` and a last line without its newline (a write cut
+    short, or a writer still appending) come back as ``""``, so readers skip them like blank lines, and are
+    quarantined with their reason and their text shown shortened. A UTF-8 byte-order mark at the start is dropped.
     """
-    data = read_bytes(path)
     if encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig") and data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8) :]
-    chunks = data.split(b"\n")
-    if chunks and chunks[-1] == b"":
-        chunks.pop()  # the newline ending the last line does not start another
+    end, cut = _complete_end(source, data)
+    if end < len(data):
+        data = data[:end]
+    n_lines = data.count(b"\n")
     try:
-        lines = data.decode(encoding).split("\n")[: len(chunks)]
-        bad = empty_bad_rows()
+        lines = data.decode(encoding).split("\n")[:n_lines]
+        unreadable = empty_bad_rows()
     except UnicodeDecodeError:
-        lines, numbers, raws = [], [], []
-        for number, chunk in enumerate(chunks, start=1):  # slow path: only for files with broken bytes
-            try:
-                lines.append(chunk.decode(encoding))
-            except UnicodeDecodeError:
-                lines.append("")
-                numbers.append(number)
-                raws.append(chunk.decode(encoding, errors="backslashreplace")[:MAX_SHOWN])
-        reason = UNDECODABLE.format(encoding=encoding)
-        bad = bad_rows_frame(str(path), pd.Series(numbers), pd.Series([reason] * len(numbers)), pd.Series(raws))
-    return pd.Series(lines, dtype="string").str.removesuffix("\r"), bad
+        lines, unreadable = _decode_line_by_line(source, data.split(b"\n")[:n_lines], encoding)
+    if not cut.empty:
+        lines.append("")
+        cut["line"] = len(lines)
+    text = pd.Series(lines, dtype="string").str.removesuffix("\r")
+    length = text.str.len().to_numpy(dtype="int64", na_value=0)
+    if (length > MAX_LINE_CHARS).any():
+        long_at = np.flatnonzero(length > MAX_LINE_CHARS)
+        long_rows = bad_rows_frame(
+            source,
+            pd.Series(long_at + 1),
+            pd.Series([TOO_LONG] * len(long_at)),
+            pd.Series([f"{text.iloc[i][:MAX_SHOWN]}... ({length[i]:,} characters)" for i in long_at]),
+        )
+        text.iloc[long_at] = ""
+        unreadable = pd.concat([unreadable, long_rows], ignore_index=True)
+    return text, pd.concat([unreadable, cut], ignore_index=True).sort_values("line", kind="stable")
 
 
-def read_lines(path: str | os.PathLike[str], encoding: str = "utf-8") -> pd.Series:
-    """All physical lines of a text file (undecodable ones as ``""``)."""
-    return read_text_lines(path, encoding)[0]
+def _complete_end(source: str, data: bytes | bytearray) -> tuple[int, pd.DataFrame]:
+    """Where the complete lines of ``data`` end, and the quarantine row of a last line without its newline.
+
+    Such a line is never an event: a log written line by line and cut short (or read while a writer is still
+    appending) ends exactly like that, and its fields may be cut too (``17044`` of ``1704412800``). The caller
+    sets the row's line number; a blank tail (spaces after the last newline) holds nothing and is ignored.
+    """
+    end = data.rfind(b"\n") + 1
+    tail = bytes(data[end:])
+    if not tail.strip():
+        return end, empty_bad_rows()
+    shown = tail[:MAX_SHOWN].decode("utf-8", errors="backslashreplace")
+    if len(tail) > MAX_SHOWN:
+        shown += f"... ({len(tail):,} bytes)"
+    return end, bad_rows_frame(source, pd.Series([0]), pd.Series([INCOMPLETE]), pd.Series([shown]))
+
+
+def _decode_line_by_line(source: str, chunks: list[bytes], encoding: str) -> tuple[list[str], pd.DataFrame]:
+    """Slow path, only for files with broken bytes: each undecodable line is ``""`` and quarantined alone."""
+    lines, numbers, raws = [], [], []
+    for number, chunk in enumerate(chunks, start=1):
+        try:
+            lines.append(chunk.decode(encoding))
+        except UnicodeDecodeError:
+            lines.append("")
+            numbers.append(number)
+            raws.append(chunk[: 4 * MAX_SHOWN].decode(encoding, errors="backslashreplace")[:MAX_SHOWN])
+    reason = UNDECODABLE.format(encoding=encoding)
+    return lines, bad_rows_frame(source, pd.Series(numbers), pd.Series([reason] * len(numbers)), pd.Series(raws))
 
 
 # --------------------------------------------------------------------------------------------------- text formats
@@ -109,18 +217,18 @@ def read_delimited(
     splits on runs of white space. Without a ``timestamp`` field the line order gives the time order.
     """
     source = str(path)
-    lines, undecodable = read_text_lines(path, encoding)
+    lines, unreadable = read_text_lines(path, encoding)
     line_no = pd.Series(np.arange(1, len(lines) + 1), index=lines.index)
     keep = bool_mask(lines.str.strip() != "")
     lines, line_no = lines[keep], line_no[keep]
-    if lines.empty and undecodable.empty:
+    if lines.empty and unreadable.empty:
         raise BadInputError(f"{source} is empty: no interaction rows")
     normalised = lines.str.strip().str.replace(r"\s+", " ", regex=True) if sep is None else lines
     delimiter = " " if sep is None else sep
     n_fields = normalised.str.count(re.escape(delimiter)) + 1
     wrong_count = bool_mask(n_fields != len(fields))
     bad = [
-        undecodable,
+        unreadable,
         bad_rows_frame(
             source,
             line_no[wrong_count],
@@ -141,7 +249,7 @@ def read_delimited(
         lines[~wrong_count],
         integer_ids=integer_ids,
         has_timestamps="timestamp" in fields,
-        total_rows=len(lines) + len(undecodable),
+        total_rows=len(lines) + len(unreadable),
         window=window,
     )
     result.bad_rows = pd.concat([*bad, result.bad_rows], ignore_index=True).sort_values("line", kind="stable")
@@ -159,7 +267,7 @@ def read_user_sequences(
     With ``timestamps_path`` (same layout, ``user ts ts ...``, aligned line by line) real timestamps are attached;
     a line whose lengths or user ids disagree between the two files is quarantined whole.
     """
-    lines, undecodable = read_text_lines(path)
+    lines, unreadable = read_text_lines(path)
     ts_lines = None
     if timestamps_path is not None:
         ts_lines, _ = read_text_lines(timestamps_path)
@@ -168,13 +276,13 @@ def read_user_sequences(
                 f"{timestamps_path} has {len(ts_lines)} lines but {path} has {len(lines)}: they must align"
             )
     ts_name = None if timestamps_path is None else Path(timestamps_path).name
-    return parse_sequence_lines(str(path), lines, undecodable, ts_lines, ts_name, window=window)
+    return parse_sequence_lines(str(path), lines, unreadable, ts_lines, ts_name, window=window)
 
 
 def parse_sequence_lines(
     source: str,
     lines: pd.Series,
-    undecodable: pd.DataFrame,
+    unreadable: pd.DataFrame,
     ts_lines: pd.Series | None = None,
     ts_name: str | None = None,
     *,
@@ -184,7 +292,7 @@ def parse_sequence_lines(
     line_no = pd.Series(np.arange(1, len(lines) + 1), index=lines.index)
     keep = bool_mask(lines.str.strip() != "")
     lines, line_no = lines[keep], line_no[keep]
-    if lines.empty and undecodable.empty:
+    if lines.empty and unreadable.empty:
         raise BadInputError(f"{source} is empty: no user sequences")
     tokens = lines.str.strip().str.split()
     reasons = pd.Series(pd.NA, index=lines.index, dtype="string")
@@ -219,10 +327,10 @@ def parse_sequence_lines(
         flat_raw,
         integer_ids=True,
         has_timestamps=stamps is not None,
-        total_rows=int(lengths.sum()) + len(bad) + len(undecodable),
+        total_rows=int(lengths.sum()) + len(bad) + len(unreadable),
         window=window,
     )
-    result.bad_rows = pd.concat([undecodable, bad, result.bad_rows], ignore_index=True)
+    result.bad_rows = pd.concat([unreadable, bad, result.bad_rows], ignore_index=True)
     return result
 
 
@@ -242,8 +350,13 @@ def read_gsasrec_prefixes(
     validation), so validation users get their whole sequence and the others ``seq[:-2]``, a true prefix.
     Line k of ``train_input`` is user k; a validation line is matched to its user by its first n - 1 items.
     """
-    train, undecodable = read_text_lines(train_input)
-    val_in, val_out, test_out = (read_text_lines(p)[0].str.strip() for p in (val_input, val_output, test_output))
+    read = [read_text_lines(p) for p in (train_input, val_input, val_output, test_output)]
+    for path, (_, unreadable) in zip((train_input, val_input, val_output, test_output), read, strict=True):
+        if not unreadable.empty:  # line k is user k: a file with a lost line cannot be lined up at all
+            first = unreadable.iloc[0]
+            raise BadInputError(f"{path} line {first['line']}: {first['reason']} (split files must be whole)")
+    train = read[0][0]
+    val_in, val_out, test_out = (lines.str.strip() for lines, _ in read[1:])
     val_in, val_out, test_out = (s[s != ""].reset_index(drop=True) for s in (val_in, val_out, test_out))
     if len(val_in) != len(val_out) or len(test_out) != len(train):
         raise BadInputError(
@@ -269,7 +382,7 @@ def read_gsasrec_prefixes(
     rows = val_users.to_numpy().astype(np.int64) - 1
     tail = val_tokens.str[-1].to_numpy() + " " + val_out.to_numpy() + " " + test_out.to_numpy()[rows]
     lines.iloc[rows] = lines.iloc[rows].to_numpy() + " " + tail
-    return parse_sequence_lines(str(train_input), lines, undecodable, window=window)
+    return parse_sequence_lines(str(train_input), lines, empty_bad_rows(), window=window)
 
 
 # --------------------------------------------------------------------------------------------------- JSON lines
@@ -293,16 +406,19 @@ def read_jsonl(
 
     pyarrow parses well-formed files in C; a file with a malformed line, or whose mapped fields pyarrow typed as
     anything but strings and numbers (a boolean id, a list), falls back to a per-line parse so each bad record is
-    quarantined with its line number and reason (the slow path only runs on broken input).
+    quarantined with its line number and reason (the slow path only runs on broken input). A record that gives a
+    key twice is such a bad record: which of its values is meant cannot be known. The file is read once, so both
+    paths see the same bytes.
     """
     source = str(path)
-    fast = _jsonl_fast(path, columns)
+    data = read_bytes(path, MAX_JSONL_BYTES)
+    fast = _jsonl_fast(source, data, columns)
     if fast is not None:
-        parts, bad, reasons = fast, empty_bad_rows(), None
+        parts, bad, reasons = fast
         line_no = pd.Series(np.arange(1, len(parts) + 1))
         raw = pd.Series(["<record>"] * len(parts))
     else:
-        parts, line_no, raw, bad, reasons = _jsonl_slow(path, columns)
+        parts, line_no, raw, bad, reasons = _jsonl_slow(source, data, columns)
     if len(parts) + len(bad) == 0:
         raise BadInputError(f"{source} is empty: no interaction records")
     result = validate_events(
@@ -317,16 +433,21 @@ def read_jsonl(
         reasons=reasons,
     )
     if fast is not None:  # pyarrow numbered records, skipping blank lines, and kept no text
-        result.bad_rows = _locate_bad_rows(path, result.bad_rows)
+        result.bad_rows = _locate_bad_rows(source, data, result.bad_rows)
     result.bad_rows = pd.concat([bad, result.bad_rows], ignore_index=True)
     return result
 
 
-def _jsonl_fast(path: str | os.PathLike[str], columns: dict[str, str]) -> pd.DataFrame | None:
-    """The mapped fields as text, parsed by pyarrow; None when the file needs the per-line path."""
+def _jsonl_fast(
+    path: str, data: bytes | bytearray, columns: dict[str, str]
+) -> tuple[pd.DataFrame, pd.DataFrame, None] | None:
+    """The mapped fields as text, parsed by pyarrow, and the cut last line (if any) quarantined; None when the file
+    needs the per-line path."""
+    end, cut = _complete_end(path, data)
+    if not cut.empty:
+        cut["line"] = data.count(b"\n", 0, end) + 1
     try:
-        with pa.input_stream(str(path), compression=_compression(path)) as stream:
-            table = pajson.read_json(stream)
+        table = pajson.read_json(pa.py_buffer(memoryview(data)[:end]))
     except (pa.ArrowInvalid, OSError):
         return None
     missing = [key for key in columns.values() if key not in table.column_names]
@@ -339,29 +460,30 @@ def _jsonl_fast(path: str | os.PathLike[str], columns: dict[str, str]) -> pd.Dat
         kind = table.column(key).type if key in table.column_names else pa.null()
         if not any(check(kind) for check in FIELD_TYPES.get(canonical, ID_TYPES)):
             return None
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             canonical: _arrow_to_text(table.column(key)) if key in table.column_names else pd.Series(dtype="string")
             for canonical, key in columns.items()
         }
     )
+    return frame, cut, None
 
 
 def _jsonl_slow(
-    path: str | os.PathLike[str], columns: dict[str, str]
+    path: str, data: bytes | bytearray, columns: dict[str, str]
 ) -> tuple[pd.DataFrame, pd.Series, pd.Series, pd.DataFrame, pd.Series]:
-    lines, undecodable = read_text_lines(path)
+    lines, unreadable = split_lines(path, data)
     records, numbers, raws, verdicts, bad_lines, bad_reasons, bad_raw = [], [], [], [], [], [], []
     for number, line in enumerate(lines.fillna(""), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_unique_keys)
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, RecursionError) as err:
             bad_lines.append(number)
-            bad_reasons.append(f"unparsable JSON: {str(err)[:80]}")
+            bad_reasons.append(str(err) if isinstance(err, _RepeatedKey) else f"unparsable JSON: {str(err)[:80]}")
             bad_raw.append(line)
             continue
         texts = {canonical: _json_field_text(canonical, record.get(key)) for canonical, key in columns.items()}
@@ -372,7 +494,18 @@ def _jsonl_slow(
     bad = bad_rows_frame(str(path), pd.Series(bad_lines), pd.Series(bad_reasons), pd.Series(bad_raw))
     frame = pd.DataFrame.from_records(records, columns=list(columns)).astype("string")
     reasons = pd.Series([str(v) if v is not None else pd.NA for v in verdicts], dtype="string")
-    return frame, pd.Series(numbers), pd.Series(raws), pd.concat([undecodable, bad], ignore_index=True), reasons
+    return frame, pd.Series(numbers), pd.Series(raws), pd.concat([unreadable, bad], ignore_index=True), reasons
+
+
+class _RepeatedKey(ValueError):
+    """A JSON object gives a key more than once (``json.loads`` would silently keep the last value)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        raise _RepeatedKey(f"a key given more than once in the record: {_shown(_repeated([k for k, _ in pairs]))}")
+    return record
 
 
 class _WrongType(str):
@@ -458,12 +591,19 @@ def _read_custom_file(
 
 def _read_parquet(path: Path, columns: dict[str, str], window: TimestampWindow | None) -> ReadResult:
     try:
+        before = os.stat(path)
         schema = pq.read_schema(path)
+        if len(schema.names) > MAX_COLUMNS:
+            raise BadInputError(f"{path}: {len(schema.names):,} columns, more than the limit of {MAX_COLUMNS:,}")
+        _refuse_repeated(path, "the schema", schema.names)
         _require_columns(path, columns, schema.names)
         table = pq.read_table(path, columns=list(dict.fromkeys(columns.values())))
         frame = pd.DataFrame({c: _arrow_to_text(table.column(k)) for c, k in columns.items()})
+        after = os.stat(path)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:  # not Parquet, or a column of lists
         raise BadInputError(f"{path} is not a readable Parquet log of ids and times ({_shown(err)})") from err
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        raise BadInputError(f"{path}: {CHANGED}")
     return validate_events(
         str(path),
         frame,
@@ -485,16 +625,21 @@ def _read_csv(path: Path, columns: dict[str, str], delimiter: str, window: Times
     """
     if len(delimiter) != 1 or delimiter in '\r\n"':
         raise BadInputError(f"data.custom.csv_delimiter must be one character, not a quote or newline: {delimiter!r}")
-    lines, undecodable = read_text_lines(path)
+    lines, unreadable = read_text_lines(path)
     filled = bool_mask(lines.str.len() > 0)  # pyarrow skips empty lines, so they are not rows
-    if not filled.any() and not undecodable.empty:
-        raise BadInputError(f"{path} is not UTF-8 text: none of its {len(undecodable)} line(s) decodes (binary?)")
+    header_at = int(np.flatnonzero(filled)[0]) if filled.any() else len(lines)
+    if not unreadable.empty and int(unreadable["line"].iloc[0]) <= header_at + 1:  # rows are sorted by line
+        first = unreadable.iloc[0]
+        raise BadInputError(f"{path}: no header can be read: line {first['line']}: {first['reason']}")
     if not filled.any():
         raise BadInputError(f"{path} has no header: it is empty or holds only blank lines")
-    header_at = int(np.flatnonzero(filled)[0])
-    if not undecodable.empty and int(undecodable["line"].min()) <= header_at + 1:
-        raise BadInputError(f"{path}: the header (line {int(undecodable['line'].min())}) is not valid UTF-8 text")
+    if (n_columns := lines.iloc[header_at].count(delimiter) + 1) > MAX_COLUMNS:  # before pyarrow sees them all
+        raise BadInputError(
+            f"{path}: the header (line {header_at + 1}) has {n_columns:,} columns, more than the limit of "
+            f"{MAX_COLUMNS:,}: is this a CSV log, and is data.custom.csv_delimiter right?"
+        )
     header = _csv_header(path, lines.iloc[header_at], delimiter)
+    _refuse_repeated(path, "the header", header)
     if len(header) == 1 and len(columns) > 1:  # the content is not shown: it may be anything (a passwd file)
         raise BadInputError(
             f"{path}: the header (line {header_at + 1}) has a single column, no {delimiter!r} in it: is "
@@ -524,8 +669,7 @@ def _read_csv(path: Path, columns: dict[str, str], delimiter: str, window: Times
             invalid.append((-1, "unparsable row"))
         return "skip"
 
-    numbered = pd.Series(body + 1).astype("string") + delimiter + lines.iloc[body].reset_index(drop=True)
-    payload = (f'"{LINE_COLUMN}"{delimiter}{lines.iloc[header_at]}\n' + "\n".join(numbered.tolist())).encode()
+    payload = _numbered_csv(lines, header_at, body, delimiter)
     wanted = list(dict.fromkeys(columns.values()))
     try:
         table = pacsv.read_csv(
@@ -540,8 +684,10 @@ def _read_csv(path: Path, columns: dict[str, str], delimiter: str, window: Times
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise BadInputError(f"{path} is not a readable CSV log ({_shown(err)})") from err
+    del payload  # a copy of the file: freed before the events are typed, which keeps the peak memory down
     frame = pd.DataFrame({c: _arrow_to_text(table.column(k)) for c, k in columns.items()})
     line_no = pd.Series(table.column(LINE_COLUMN).to_numpy())
+    del table
     raw = lines.iloc[line_no.to_numpy() - 1].reset_index(drop=True)
     result = validate_events(
         str(path),
@@ -550,13 +696,13 @@ def _read_csv(path: Path, columns: dict[str, str], delimiter: str, window: Times
         raw,
         integer_ids=False,
         has_timestamps=True,
-        total_rows=len(frame) + len(invalid) + len(stray) + len(open_quote) + len(undecodable),
+        total_rows=len(frame) + len(invalid) + len(stray) + len(open_quote) + len(unreadable),
         window=window,
     )
     numbers = [n for n, _ in invalid]
     raw_invalid = [lines.iloc[n - 1] if 0 < n <= len(lines) else "" for n in numbers]
     rejected = [
-        undecodable,
+        unreadable,
         bad_rows_frame(str(path), pd.Series(stray + 1), pd.Series([STRAY_CR] * len(stray)), lines.iloc[stray]),
         bad_rows_frame(
             str(path), pd.Series(open_quote + 1), pd.Series([OPEN_QUOTE] * len(open_quote)), lines.iloc[open_quote]
@@ -565,6 +711,12 @@ def _read_csv(path: Path, columns: dict[str, str], delimiter: str, window: Times
     ]
     result.bad_rows = pd.concat([*rejected, result.bad_rows], ignore_index=True).sort_values("line", kind="stable")
     return result
+
+
+def _numbered_csv(lines: pd.Series, header_at: int, body: np.ndarray, delimiter: str) -> bytes:
+    """The CSV text pyarrow parses: the header and the ``body`` lines, each led by its physical line number."""
+    numbered = pd.Series(body + 1).astype("string") + delimiter + lines.iloc[body].reset_index(drop=True)
+    return (f'"{LINE_COLUMN}"{delimiter}{lines.iloc[header_at]}\n' + "\n".join(numbered.tolist())).encode()
 
 
 def _csv_header(path: Path, line: str, delimiter: str) -> list[str]:
@@ -580,7 +732,7 @@ def _csv_header(path: Path, line: str, delimiter: str) -> list[str]:
     return table.column_names
 
 
-def _locate_bad_rows(path: str | os.PathLike[str], bad: pd.DataFrame) -> pd.DataFrame:
+def _locate_bad_rows(path: str, data: bytes | bytearray, bad: pd.DataFrame) -> pd.DataFrame:
     """Turn pyarrow's JSON record numbers into physical line numbers and attach each bad row's raw line.
 
     pyarrow's JSON reader does not count the whitespace-only lines it skips, so on a file with blank lines its
@@ -589,7 +741,7 @@ def _locate_bad_rows(path: str | os.PathLike[str], bad: pd.DataFrame) -> pd.Data
     """
     if bad.empty:
         return bad
-    lines = read_lines(path)
+    lines, _ = split_lines(path, data)
     physical = np.flatnonzero(bool_mask(lines.str.strip() != "")) + 1  # k-th counted record (1-based) -> line number
     counted = bad["line"].to_numpy(dtype="int64")
     known = (counted >= 1) & (counted <= len(physical))
@@ -601,6 +753,12 @@ def _locate_bad_rows(path: str | os.PathLike[str], bad: pd.DataFrame) -> pd.Data
     raw[known] = lines.to_numpy(dtype=object)[line[known] - 1]
     bad["raw"] = pd.Series(raw, index=bad.index, dtype="string")
     return bad
+
+
+def _refuse_repeated(path: Path, where: str, names: list[str]) -> None:
+    """Refuse a file that names a column twice: readers would silently pick one of them, each its own way."""
+    if repeated := _repeated(names):
+        raise BadInputError(f"{path}: {where} names column(s) {_shown(repeated)} more than once; rename them")
 
 
 def _require_columns(path: Path, columns: dict[str, str], present: list[str]) -> None:
@@ -628,14 +786,15 @@ def _format_of(path: Path) -> str | None:
     return None
 
 
-def _compression(path: str | os.PathLike[str]) -> str | None:
-    with open(path, "rb") as handle:
-        return "gzip" if handle.read(2) == b"\x1f\x8b" else None
-
-
 def _longest(lines: pd.Series) -> int:
     """An upper bound of the longest line in UTF-8 bytes (pyarrow's block size counts bytes, not characters)."""
     return 4 * int(lines.str.len().max()) if len(lines) else 0
+
+
+def _repeated(names: list[str]) -> list[str]:
+    """The names that occur more than once, sorted."""
+    counts = Counter(names)
+    return sorted(name for name, count in counts.items() if count > 1)
 
 
 def _shown(value: object) -> str:
