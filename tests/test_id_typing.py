@@ -8,9 +8,6 @@ second 2024 and ``05/01/2024`` as the 1st of May. Files are real, and the inbox 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -27,7 +24,8 @@ from pipeline.data.quarantine import BadInputError, ReadResult
 from pipeline.ingest.retrain import Interval, training_overrides
 from pipeline.ingest.store import read_store
 from pipeline.params import CustomSourceParams, load_params
-from tests.conftest import REPO_ROOT, write_text
+from tests.conftest import pipeline_cli as cli
+from tests.conftest import write_text
 
 T0 = int(datetime(2024, 1, 19, 12, tzinfo=UTC).timestamp())
 START = "2024-01-19"
@@ -46,19 +44,6 @@ def read(path: Path, **custom: str) -> ReadResult:
 
 def reasons(result: ReadResult) -> dict[int, str]:
     return dict(zip(result.bad_rows["line"], result.bad_rows["reason"], strict=True))
-
-
-def cli(params_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("HYMOE_DATA_MIRROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "--params", str(params_file), *args],
-        cwd=params_file.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 # ----------------------------------------------------------------------------------------------- one number, one item
