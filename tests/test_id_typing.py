@@ -8,7 +8,7 @@ second 2024 and ``05/01/2024`` as the 1st of May. Files are real, and the inbox 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -21,11 +21,13 @@ import yaml
 from pipeline.data.download import download, read_custom_source
 from pipeline.data.events import TimestampWindow
 from pipeline.data.quarantine import BadInputError, ReadResult
+from pipeline.ingest.replay import replay
 from pipeline.ingest.retrain import Interval, training_overrides
 from pipeline.ingest.store import read_store
+from pipeline.ingest.validate import BatchOutputs, validate_logs
 from pipeline.params import CustomSourceParams, load_params
+from tests.conftest import REPO_ROOT, tiny_retrain, write_text
 from tests.conftest import pipeline_cli as cli
-from tests.conftest import write_text
 
 T0 = int(datetime(2024, 1, 19, 12, tzinfo=UTC).timestamp())
 START = "2024-01-19"
@@ -219,3 +221,18 @@ def test_the_inbox_types_ids_and_the_retraining_run_reads_them_back_unchanged(
     run = load_params(project, training_overrides(loaded, Interval.parse(START)))
     interactions = pd.read_parquet(download(run.data).interactions).sort_values("timestamp")
     assert interactions["item_id"].tolist() == stored
+
+
+@pytest.mark.parametrize(("fmt", "first_time"), [("%d/%m/%Y %H:%M:%S", "15/02/2021 "), ("iso8601", "2021-02-15T")])
+def test_replayed_logs_spell_times_as_declared_and_ingest_keeps_them_all(
+    tmp_path: Path, fmt: str, first_time: str
+) -> None:
+    params = load_params(REPO_ROOT / "params.yaml", {**tiny_retrain(tmp_path), "data.custom.timestamp_format": fmt})
+    result = replay(params, date(2021, 2, 15), "day")
+    first, count = result.files[0], result.events_per_file[0]
+    assert pd.read_csv(first)["timestamp"].str.startswith(first_time).all()
+    report = validate_logs([first], params.data.custom, 0.0, tmp_path / "out")
+    assert (report.rows, report.malformed) == (count, 0)  # was: unix seconds, which a declared format refuses
+    stamps = pq.read_table(BatchOutputs.under(tmp_path / "out").batch).column("timestamp").to_pylist()
+    day = int(datetime(2021, 2, 15, tzinfo=UTC).timestamp())
+    assert all(day <= t < day + 86_400 for t in stamps)
