@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.data.events import TimestampWindow
+from pipeline.data.events import LogTyping, TimestampWindow, timestamp_format_error
 from pipeline.errors import ParamsError, cut, shown
 from pipeline.model.config import ModelConfig
 
@@ -61,6 +61,8 @@ class CustomSourceParams:
     event_types: list[str] | None = None
     csv_delimiter: str = ","
     until: int | None = None
+    id_type: Literal["auto", "int", "string"] = "auto"
+    timestamp_format: str = "auto"
 
     def columns(self) -> dict[str, str]:
         """Canonical column -> this source's column name (``rating`` only when a rating column is configured)."""
@@ -68,6 +70,10 @@ class CustomSourceParams:
         if self.rating_col:
             columns["rating"] = self.rating_col
         return columns
+
+    def log_typing(self) -> LogTyping:
+        """How this source's ids and times are typed (``id_type``, ``timestamp_format``)."""
+        return LogTyping(self.id_type, self.timestamp_format)
 
 
 @dataclass
@@ -137,6 +143,8 @@ class DataParams:
             raise ParamsError(
                 f"data.custom.csv_delimiter must be one character, not a quote or newline: {shown(delimiter)}"
             )
+        if (problem := timestamp_format_error(self.custom.timestamp_format)) is not None:
+            raise ParamsError(f"data.custom.timestamp_format: {problem}")
         self.download.validate()
         self.timestamps.validate()
 

@@ -86,6 +86,21 @@ def write_text(path: Path, text: str, *, encoding: str = "utf-8", gz: bool = Fal
     return path
 
 
+def pipeline_cli(params_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m pipeline --params params_file ...`` in a fresh process from the file's folder, as a user runs it:
+    this checkout's code, no data mirror."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop(MIRROR_ENV, None)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "--params", str(params_file), *args],
+        cwd=params_file.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def write_params(path: Path, overrides: dict[str, Any]) -> Path:
     """The repository's params.yaml with dotted ``overrides`` applied, written to ``path``."""
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())

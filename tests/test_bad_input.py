@@ -8,9 +8,7 @@ parameters), and the inbox never reads through a link out of itself.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +26,7 @@ from pipeline.ingest.retrain import run_overrides
 from pipeline.ingest.store import partition_files, read_store
 from pipeline.params import ParamsError, load_params
 from tests.conftest import REPO_ROOT, write_text
+from tests.conftest import pipeline_cli as cli
 
 DAY = 86_400
 START = "2024-01-19"
@@ -46,20 +45,6 @@ def project(tmp_path: Path) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
-
-
-def cli(params_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m pipeline`` in a fresh process, as a user runs it."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("HYMOE_DATA_MIRROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "--params", str(params_file), *args],
-        cwd=params_file.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], stage: str, code: int) -> str:

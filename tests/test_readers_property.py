@@ -6,15 +6,23 @@ of each format, mixed with every kind of bad row (numbers beyond int64, negative
 bytes, missing and extra fields, an unbalanced quote, another delimiter), blank lines, an optional byte-order mark
 and CRLF line ends. Each case goes through the format's reader, and the CSV case also through both entry points:
 the download stage and the ingest validation.
+
+Parquet logs also get id and time columns of arbitrary Arrow types (integers of every width and signedness,
+strings, large and dictionary strings, booleans, floats, decimals, binary, timestamps of every unit with and
+without a time zone, dates, all-null columns) under every ``data.custom.id_type`` and several timestamp formats:
+each row becomes an exactly typed event or is quarantined with a reason, or the file is refused naming the column,
+never a mistyped id.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import string
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.data.download import download
-from pipeline.data.events import TimestampWindow
+from pipeline.data.events import LogTyping, TimestampWindow
 from pipeline.data.layout import DownloadOutputs
 from pipeline.data.quarantine import BadInputError, ReadResult
 from pipeline.data.readers import read_custom, read_delimited, read_jsonl, read_user_sequences
@@ -47,6 +55,8 @@ ID_ALPHABET = string.ascii_letters + string.digits + "_-."
 string_ids = st.text(ID_ALPHABET, max_size=6).map(lambda s: "id" + s)  # "id" keeps clear of CSV null words (NA)
 int_ids = st.integers(0, 2**63 - 1)
 epoch_seconds = st.integers(0, 1_700_000_000)  # before the wall clock too: the download stage's window ends at now
+# custom logs quarantine a bare 4-digit time (a year, or unix seconds?) unless data.custom.timestamp_format says
+log_seconds = epoch_seconds.filter(lambda s: not 1000 <= s <= 9999)
 days = st.dates(date(1970, 1, 1), date(2026, 1, 1))
 
 
@@ -54,14 +64,18 @@ def midnight(day: date) -> int:
     return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
 
 
-# (text, seconds) of a valid time: unix seconds or an ISO date
-good_times = st.one_of(epoch_seconds.map(lambda s: (str(s), s)), days.map(lambda d: (d.isoformat(), midnight(d))))
+# (text, seconds) of a valid time in a custom log: unix seconds or an ISO date
+good_times = st.one_of(log_seconds.map(lambda s: (str(s), s)), days.map(lambda d: (d.isoformat(), midnight(d))))
 bad_times = st.one_of(
     st.integers(2**63, 10**30).map(str),  # beyond int64
     st.integers(10**11, 2**63 - 1).map(str),  # far future (milliseconds), whatever the wall clock
     st.integers(-(10**15), -1).map(str),  # before 1970
     st.sampled_from(["1e300", "-1e300", "inf", "-inf", "1.5e9.2", "1700000000.5", "12:30", "Jan", "١٧٠٠٠٠٠٠٠٠"]),
     st.text(string.ascii_letters, min_size=1, max_size=5).map(lambda s: "x" + s),  # not a time
+)
+# what custom logs refuse besides: times that could mean two moments
+log_bad_times = st.one_of(
+    bad_times, st.integers(1000, 9999).map(str), st.sampled_from(["05/01/2024", "Jan 5 2024", "2024/01/05 10:00"])
 )
 bad_int_ids = st.one_of(
     st.integers(2**63, 10**25).map(str),
@@ -115,7 +129,7 @@ def csv_rows(draw: st.DrawFn, delimiter: str) -> tuple[bytes, tuple | None]:
     if kind == "inner":  # a quote inside a field is a plain character
         return d.join([f'{user}"x', item, text]).encode(), (f'{user}"x', item, seconds)
     if kind == "time":
-        return d.join([user, item, draw(bad_times)]).encode(), None
+        return d.join([user, item, draw(log_bad_times)]).encode(), None
     if kind == "missing":
         fields = [user, item, text]
         fields[draw(st.integers(0, 2))] = ""
@@ -230,7 +244,7 @@ def json_rows(draw: st.DrawFn) -> tuple[bytes, tuple | None]:
         number = draw(int_ids)
         return json.dumps({**record, "item_id": number}).encode(), (user, str(number), seconds)
     if kind == "time":
-        value = draw(bad_times)
+        value = draw(log_bad_times)
         return json.dumps({**record, "timestamp": int(value) if value.lstrip("-").isdigit() else value}).encode(), None
     if kind == "nan":
         return json.dumps({**record, "timestamp": float("nan")}).encode(), None  # the JSON extension NaN
@@ -257,7 +271,8 @@ def test_jsonl_reader(rows: list, shape: dict) -> None:
             assert "absent from every record" in str(err) and not case.kept
             return
         assert_exact(result, case)
-        assert_exact(read_jsonl(written(folder, "log2.jsonl", case.data), columns, window=WINDOW), case)
+        again = read_jsonl(written(folder, "log2.jsonl", case.data), columns, window=WINDOW, log_typing=LogTyping())
+        assert_exact(again, case)
 
 
 # --------------------------------------------------------------------------------------------------- Parquet
@@ -272,7 +287,7 @@ def parquet_cases(draw: st.DrawFn) -> tuple[pa.Table, list[tuple], list[int]]:
         kind = draw(st.sampled_from(["good", "good", "time", "missing"]))
         value: object = float(seconds) if numeric else str(seconds)
         if kind == "time":
-            wrong = draw(st.sampled_from([float("nan"), float("inf"), -5.0, 1e300, 1.5]) if numeric else bad_times)
+            wrong = draw(st.sampled_from([float("nan"), float("inf"), -5.0, 1e300, 1.5]) if numeric else log_bad_times)
             value = wrong
         elif kind == "missing":
             user = None
@@ -297,6 +312,183 @@ def test_parquet_reader(generated: tuple) -> None:
             f"{folder}/log.parquet", {c: c for c in ("user_id", "item_id", "timestamp")}, window=WINDOW
         )
         assert_exact(result, Case(b"", kept, bad))
+
+
+# --------------------------------------------------------------------------------------------------- Parquet, typed
+# Every column is drawn with an Arrow type, its values, and what each setting must make of each value (None:
+# the row is quarantined); a column of a refused type must refuse the whole file instead.
+INT_TYPES = [pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64()]
+TEXT_TYPES = [pa.string(), pa.large_string(), pa.dictionary(pa.int32(), pa.string())]
+REFUSED_IDS = [pa.bool_(), pa.float32(), pa.float64(), pa.decimal128(12, 2), pa.binary()]
+REFUSED_TIMES = [pa.bool_(), pa.binary()]
+TIME_TYPES = [
+    *INT_TYPES,
+    pa.float64(),
+    pa.decimal128(14, 2),
+    pa.string(),
+    pa.large_string(),
+    pa.date32(),
+    pa.null(),
+    *(pa.timestamp(unit, tz) for unit in ("s", "ms", "us", "ns") for tz in (None, "UTC", "+02:00")),
+]
+PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+NUMBER_SPELLINGS = ["01", "007", "-0", "+1", " 1", "1 ", "1.0", "1.5", "1e3", ".5", "١", "١٢", "１２"]
+INT64 = range(-(2**63), 2**63)
+
+
+def id_verdicts(text: str | None) -> dict[str, str | None]:
+    """What each id_type makes of an id text, worked out without the reader's regular expressions."""
+    if text is None or not text.strip():
+        return dict.fromkeys(("auto", "int", "string"))
+    stripped = text.strip()
+    ascii_int = re.fullmatch(r"-?[0-9]+", stripped, re.ASCII) is not None and int(stripped) in INT64
+    plain = ascii_int and text == str(int(text))  # the one spelling of that integer
+    numeric = any(c.isdecimal() for c in stripped) and all(c.isdecimal() or c in "+-.eE" for c in stripped)
+    return {
+        "auto": text if plain else None if numeric else stripped,
+        "int": str(int(stripped)) if ascii_int else None,
+        "string": stripped,
+    }
+
+
+def integer_range(kind: pa.DataType) -> tuple[int, int]:
+    bits = kind.bit_width
+    return (0, 2**bits - 1) if pa.types.is_unsigned_integer(kind) else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+@st.composite
+def refused_values(draw: st.DrawFn, kind: pa.DataType, n: int) -> list:
+    """Values of a type no id (or time) may have: ``true``, ``1.0``, ``5.00``, bytes."""
+    if pa.types.is_boolean(kind):
+        return draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    if pa.types.is_decimal(kind):
+        return [
+            Decimal(v) for v in draw(st.lists(st.sampled_from(["5.00", "1", "1700000000"]), min_size=n, max_size=n))
+        ]
+    if pa.types.is_binary(kind):
+        return draw(st.lists(st.binary(max_size=4), min_size=n, max_size=n))
+    return [float(v) for v in draw(st.lists(st.integers(0, 2**20), min_size=n, max_size=n))]
+
+
+@st.composite
+def id_column(draw: st.DrawFn, n: int) -> tuple[pa.Array, list[dict] | None]:
+    """An id column and each row's verdicts by id_type, or None for a type that refuses the file."""
+    kind = draw(st.sampled_from([*INT_TYPES, *TEXT_TYPES, pa.null(), *REFUSED_IDS]))
+    if kind in REFUSED_IDS:
+        return pa.array(draw(refused_values(kind, n)), kind), None
+    values: list = []
+    for _ in range(n):
+        if kind == pa.null() or draw(st.integers(0, 7)) == 0:
+            values.append(None)
+        elif kind in INT_TYPES:
+            low, high = integer_range(kind)
+            values.append(draw(st.one_of(st.integers(low, high), st.sampled_from([low, high, 0]))))
+        else:
+            texts = st.one_of(
+                st.integers(-(2**63), 2**63 - 1).map(str),
+                st.integers(2**63, 10**22).map(str),
+                st.sampled_from(NUMBER_SPELLINGS),
+                string_ids,
+                st.sampled_from(["true", "B00123X", "u7", "", "  "]),
+            )
+            values.append(draw(texts))
+    if pa.types.is_dictionary(kind):
+        column = pa.array(values, pa.string()).dictionary_encode()
+    else:
+        column = pa.array(values, kind)
+    return column, [id_verdicts(None if v is None else str(v)) for v in values]
+
+
+def number_time(seconds: int, fmt: str) -> int | None:
+    """A time given as a number: unix seconds in the window, except a 4-digit one under auto (a year?)."""
+    if fmt == "iso8601" or not 0 <= seconds <= LATEST:
+        return None
+    return None if fmt == "auto" and 1000 <= seconds <= 9999 else seconds
+
+
+@st.composite
+def time_column(draw: st.DrawFn, n: int, fmt: str) -> tuple[pa.Array, list[int | None] | None]:
+    """A time column and each row's unix seconds (None: quarantined), or None for a type that refuses the file."""
+    kind = draw(st.sampled_from([*TIME_TYPES, *REFUSED_TIMES]))
+    if kind in REFUSED_TIMES:
+        return pa.array(draw(refused_values(kind, n)), kind), None
+    values: list = []
+    expected: list[int | None] = []
+    for _ in range(n):
+        seconds = draw(st.one_of(log_seconds, st.integers(1000, 9999), st.integers(-(10**6), LATEST + 10**6)))
+        if kind == pa.null() or draw(st.integers(0, 7)) == 0:
+            values.append(None)
+            expected.append(None)
+        elif pa.types.is_timestamp(kind):  # typed already: every format takes it, to the second it lies in
+            values.append(seconds * PER_SECOND[kind.unit] + draw(st.integers(0, PER_SECOND[kind.unit] - 1)))
+            expected.append(seconds if 0 <= seconds <= LATEST else None)
+        elif pa.types.is_date(kind):
+            day = seconds // 86_400
+            values.append(day)
+            expected.append(day * 86_400 if 0 <= day * 86_400 <= LATEST else None)
+        elif pa.types.is_integer(kind):
+            low, high = integer_range(kind)
+            values.append(min(max(seconds, low), high))
+            expected.append(number_time(values[-1], fmt))
+        elif pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+            half = draw(st.booleans())
+            values.append(seconds + 0.5 if half else float(seconds))
+            expected.append(None if half else number_time(seconds, fmt))
+            if pa.types.is_decimal(kind):
+                values[-1] = Decimal(str(values[-1]))
+        else:  # text: unix seconds, ISO 8601, or spellings no format here takes
+            day = draw(days)
+            choice = draw(st.sampled_from(["unix", "iso", "iso_z", "dmy", "junk"]))
+            values.append(
+                {
+                    "unix": str(seconds),
+                    "iso": day.isoformat(),
+                    "iso_z": day.isoformat() + "T00:00:00Z",
+                    "dmy": day.strftime("%d/%m/%Y"),
+                    "junk": f"x{seconds}",
+                }[choice]
+            )
+            iso = midnight(day) if fmt in ("auto", "iso8601") else None
+            expected.append({"unix": number_time(seconds, fmt), "iso": iso, "iso_z": iso}.get(choice))
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+        column = pa.array(values, pa.int64() if pa.types.is_timestamp(kind) else pa.int32()).cast(kind)
+    else:
+        column = pa.array(values, kind)
+    return column, expected
+
+
+@PROPERTY
+@given(
+    data=st.data(),
+    n=st.integers(1, 12),
+    log_typing=st.builds(
+        LogTyping, st.sampled_from(["auto", "int", "string"]), st.sampled_from(["auto", "unix", "iso8601"])
+    ),
+)
+def test_parquet_reader_with_arbitrary_arrow_types(data: st.DataObject, n: int, log_typing: LogTyping) -> None:
+    users, items = data.draw(id_column(n)), data.draw(id_column(n))
+    times = data.draw(time_column(n, log_typing.timestamp_format))
+    columns = {"user_id": users, "item_id": items, "timestamp": times}
+    refused = [name for name, (_, verdicts) in columns.items() if verdicts is None]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "log.parquet"
+        pq.write_table(pa.table({name: column for name, (column, _) in columns.items()}), path)
+        if refused:  # the whole file, naming the first such column and its type
+            kind = re.escape(str(columns[refused[0]][0].type))
+            with pytest.raises(BadInputError, match=f"column '{refused[0]}' .* has Arrow type {kind}"):
+                read_custom(str(path), {c: c for c in columns}, window=WINDOW, log_typing=log_typing)
+            return
+        result = read_custom(str(path), {c: c for c in columns}, window=WINDOW, log_typing=log_typing)
+    kept, bad = [], []
+    for row, (user, item, seconds) in enumerate(zip(users[1], items[1], times[1], strict=True), start=1):
+        event = (user[log_typing.id_type], item[log_typing.id_type], seconds)
+        if None in event:
+            bad.append(row)
+        else:
+            kept.append(event)
+    assert_exact(result, Case(b"", kept, bad))
+    ids = [*result.events["user_id"].tolist(), *result.events["item_id"].tolist()]
+    assert all(type(value) is str for value in ids)  # ids stay text: the store's schema
 
 
 # --------------------------------------------------------------------------------------------------- MovieLens / SASRec

@@ -190,6 +190,7 @@ def read_custom_source(
         event_col=custom.event_col,
         event_types=custom.event_types,
         window=window,
+        log_typing=custom.log_typing(),
     )
 
 

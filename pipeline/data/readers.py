@@ -40,7 +40,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from pipeline.data.events import TimestampWindow, bool_mask, validate_events
+from pipeline.data.events import LogTyping, TimestampWindow, bool_mask, timestamp_format_error, validate_events
 from pipeline.data.quarantine import BadInputError, ReadResult, bad_rows_frame, empty_bad_rows
 
 log = logging.getLogger(__name__)
@@ -401,6 +401,7 @@ def read_jsonl(
     *,
     integer_ids: bool = False,
     window: TimestampWindow | None = None,
+    log_typing: LogTyping | None = None,
 ) -> ReadResult:
     """JSON lines (plain or gzip), e.g. Amazon reviews; ``columns`` maps canonical name -> JSON key.
 
@@ -408,13 +409,16 @@ def read_jsonl(
     anything but strings and numbers (a boolean id, a list), falls back to a per-line parse so each bad record is
     quarantined with its line number and reason (the slow path only runs on broken input). A record that gives a
     key twice is such a bad record: which of its values is meant cannot be known. The file is read once, so both
-    paths see the same bytes.
+    paths see the same bytes. ``log_typing`` types a custom log's fields (:class:`pipeline.data.events.LogTyping`).
     """
     source = str(path)
     data = read_bytes(path, MAX_JSONL_BYTES)
-    fast = _jsonl_fast(source, data, columns)
+    fast = _jsonl_fast(source, data, columns, log_typing)
     if fast is not None:
-        parts, bad, reasons = fast
+        parts, bad, typed_times = fast
+        reasons = None
+        if typed_times and log_typing is not None:  # pyarrow read ISO 8601 strings as times already
+            log_typing = log_typing.typed_times()
         line_no = pd.Series(np.arange(1, len(parts) + 1))
         raw = pd.Series(["<record>"] * len(parts))
     else:
@@ -431,6 +435,7 @@ def read_jsonl(
         total_rows=len(parts) + len(bad),
         window=window,
         reasons=reasons,
+        log_typing=log_typing,
     )
     if fast is not None:  # pyarrow numbered records, skipping blank lines, and kept no text
         result.bad_rows = _locate_bad_rows(source, data, result.bad_rows)
@@ -439,10 +444,11 @@ def read_jsonl(
 
 
 def _jsonl_fast(
-    path: str, data: bytes | bytearray, columns: dict[str, str]
-) -> tuple[pd.DataFrame, pd.DataFrame, None] | None:
-    """The mapped fields as text, parsed by pyarrow, and the cut last line (if any) quarantined; None when the file
-    needs the per-line path."""
+    path: str, data: bytes | bytearray, columns: dict[str, str], log_typing: LogTyping | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, bool] | None:
+    """The mapped fields as text, parsed by pyarrow, the cut last line (if any) quarantined, and whether pyarrow
+    typed the times (it reads ISO 8601 strings as timestamps); None when the file needs the per-line path, as one
+    with times in a declared format does: the text as written must meet that format."""
     end, cut = _complete_end(path, data)
     if not cut.empty:
         cut["line"] = data.count(b"\n", 0, end) + 1
@@ -460,13 +466,17 @@ def _jsonl_fast(
         kind = table.column(key).type if key in table.column_names else pa.null()
         if not any(check(kind) for check in FIELD_TYPES.get(canonical, ID_TYPES)):
             return None
+    time_key = columns.get("timestamp")
+    typed_times = time_key in table.column_names and _typed_time(table.column(time_key).type)
+    if typed_times and log_typing is not None and log_typing.timestamp_format not in ("auto", "iso8601"):
+        return None
     frame = pd.DataFrame(
         {
             canonical: _arrow_to_text(table.column(key)) if key in table.column_names else pd.Series(dtype="string")
             for canonical, key in columns.items()
         }
     )
-    return frame, cut, None
+    return frame, cut, typed_times
 
 
 def _jsonl_slow(
@@ -536,17 +546,31 @@ def read_custom(
     event_col: str | None = None,
     event_types: list[str] | None = None,
     window: TimestampWindow | None = None,
+    log_typing: LogTyping | None = None,
 ) -> ReadResult:
     """A user's own logs: one file, a folder or a glob of csv / parquet / jsonl (optionally gzip).
 
     ``columns`` maps canonical names (``user_id``, ``item_id``, ``timestamp``, optional ``rating``) to the file's
-    column names. Timestamps may be unix seconds or any date-time string pandas parses (converted to UTC seconds).
+    column names. Ids and times follow ``log_typing`` (``data.custom.id_type`` and ``timestamp_format``, default
+    ``auto``), the same in every format, because each reader hands the same text to the same rules:
+
+    - CSV fields are text as written: ``true`` is a string id, ``1.5`` a number that is not a plain integer
+      (quarantined under ``auto`` and ``int``);
+    - JSON integers are their decimal text and JSON strings their text; a boolean, float, list or object id is
+      quarantined per record;
+    - Parquet integer columns of any width are their canonical decimal text (a uint64 beyond int64 is quarantined
+      per row under ``auto`` and ``int``), string columns their text; an id column of any other type (boolean,
+      float, decimal, ...) refuses the file, naming the column and its type. A Parquet timestamp or date column,
+      and ISO 8601 strings pyarrow reads as times in JSON, are exact already: the timestamp format does not apply.
     """
+    log_typing = log_typing or LogTyping()
+    if (problem := timestamp_format_error(log_typing.timestamp_format)) is not None:
+        raise BadInputError(f"data.custom.timestamp_format: {problem}")
     files = resolve_files(path_spec)
     wanted = dict(columns)
     if event_col:
         wanted["event"] = event_col
-    results = [_read_custom_file(f, wanted, fmt, delimiter, window) for f in files]
+    results = [_read_custom_file(f, wanted, fmt, delimiter, window, log_typing) for f in files]
     events = pd.concat([r.events for r in results], ignore_index=True)
     bad = pd.concat([r.bad_rows for r in results], ignore_index=True)
     total = sum(r.total_rows for r in results)
@@ -573,23 +597,30 @@ def resolve_files(path_spec: str) -> list[Path]:
 
 
 def _read_custom_file(
-    path: Path, columns: dict[str, str], fmt: str, delimiter: str, window: TimestampWindow | None
+    path: Path,
+    columns: dict[str, str],
+    fmt: str,
+    delimiter: str,
+    window: TimestampWindow | None,
+    log_typing: LogTyping,
 ) -> ReadResult:
     kind = _format_of(path) if fmt == "auto" else fmt
     if kind is None:
         raise BadInputError(f"{path}: cannot tell the format from the name; set data.custom.format")
     if kind == "jsonl":
-        result = read_jsonl(path, columns, integer_ids=False, window=window)
+        result = read_jsonl(path, columns, window=window, log_typing=log_typing)
     elif kind == "parquet":
-        result = _read_parquet(path, columns, window)
+        result = _read_parquet(path, columns, window, log_typing)
     else:
-        result = _read_csv(path, columns, delimiter, window)
+        result = _read_csv(path, columns, delimiter, window, log_typing)
     if result.total_rows == 0:
         log.warning("%s holds no rows (a header or schema only): nothing read from it", path)
     return result
 
 
-def _read_parquet(path: Path, columns: dict[str, str], window: TimestampWindow | None) -> ReadResult:
+def _read_parquet(
+    path: Path, columns: dict[str, str], window: TimestampWindow | None, log_typing: LogTyping
+) -> ReadResult:
     try:
         before = os.stat(path)
         schema = pq.read_schema(path)
@@ -597,6 +628,7 @@ def _read_parquet(path: Path, columns: dict[str, str], window: TimestampWindow |
             raise BadInputError(f"{path}: {len(schema.names):,} columns, more than the limit of {MAX_COLUMNS:,}")
         _refuse_repeated(path, "the schema", schema.names)
         _require_columns(path, columns, schema.names)
+        _require_id_and_time_types(path, columns, schema)
         table = pq.read_table(path, columns=list(dict.fromkeys(columns.values())))
         frame = pd.DataFrame({c: _arrow_to_text(table.column(k)) for c, k in columns.items()})
         after = os.stat(path)
@@ -604,6 +636,8 @@ def _read_parquet(path: Path, columns: dict[str, str], window: TimestampWindow |
         raise BadInputError(f"{path} is not a readable Parquet log of ids and times ({_shown(err)})") from err
     if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
         raise BadInputError(f"{path}: {CHANGED}")
+    if _typed_time(_value_type(table.column(columns["timestamp"]).type)):
+        log_typing = log_typing.typed_times()
     return validate_events(
         str(path),
         frame,
@@ -613,10 +647,13 @@ def _read_parquet(path: Path, columns: dict[str, str], window: TimestampWindow |
         has_timestamps=True,
         total_rows=len(frame),
         window=window,
+        log_typing=log_typing,
     )
 
 
-def _read_csv(path: Path, columns: dict[str, str], delimiter: str, window: TimestampWindow | None) -> ReadResult:
+def _read_csv(
+    path: Path, columns: dict[str, str], delimiter: str, window: TimestampWindow | None, log_typing: LogTyping
+) -> ReadResult:
     """A CSV log: pyarrow parses it in C, with each row's physical line number carried in an extra first column.
 
     Numbering the lines ourselves (rather than counting pyarrow's rows) keeps quarantine line numbers right
@@ -698,6 +735,7 @@ def _read_csv(path: Path, columns: dict[str, str], delimiter: str, window: Times
         has_timestamps=True,
         total_rows=len(frame) + len(invalid) + len(stray) + len(open_quote) + len(unreadable),
         window=window,
+        log_typing=log_typing,
     )
     numbers = [n for n, _ in invalid]
     raw_invalid = [lines.iloc[n - 1] if 0 < n <= len(lines) else "" for n in numbers]
@@ -761,6 +799,39 @@ def _refuse_repeated(path: Path, where: str, names: list[str]) -> None:
         raise BadInputError(f"{path}: {where} names column(s) {_shown(repeated)} more than once; rename them")
 
 
+def _require_id_and_time_types(path: Path, columns: dict[str, str], schema: pa.Schema) -> None:
+    """Refuse a Parquet log whose id columns are not integers or strings, or whose time column is no number, text
+    or time: a boolean, float or decimal id (``true``, ``1.5``, ``5.00``) has no exact id to become."""
+    for canonical, key in columns.items():
+        if (index := schema.get_field_index(key)) < 0:  # a name present twice: not this check's business
+            continue
+        kind = _value_type(schema.field(index).type)
+        if canonical in ("user_id", "item_id"):
+            allowed, wanted = _id_type(kind), "ids must be integer or string columns (1.0, true or 5.00 is no id)"
+        elif canonical == "timestamp":
+            allowed = _id_type(kind) or _typed_time(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
+            wanted = "times must be timestamp, date, number or string columns"
+        else:
+            continue
+        if not allowed:
+            raise BadInputError(f"{path}: column {_shown(key)!r} ({canonical}) has Arrow type {_shown(kind)}; {wanted}")
+
+
+def _id_type(kind: pa.DataType) -> bool:
+    """Arrow types whose values are exact ids: integers of any width, text, or nothing (all missing)."""
+    text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+    return text or pa.types.is_integer(kind) or pa.types.is_null(kind)
+
+
+def _typed_time(kind: pa.DataType) -> bool:
+    return pa.types.is_timestamp(kind) or pa.types.is_date(kind)
+
+
+def _value_type(kind: pa.DataType) -> pa.DataType:
+    """The type of the values of a dictionary-encoded column (pandas categoricals), else the type itself."""
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
+
+
 def _require_columns(path: Path, columns: dict[str, str], present: list[str]) -> None:
     missing = [f"{key} (for {canonical})" for canonical, key in columns.items() if key not in present]
     if missing:
@@ -804,10 +875,18 @@ def _shown(value: object) -> str:
 
 
 def _arrow_to_text(column: pa.ChunkedArray) -> pd.Series:
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    if pa.types.is_date(column.type):
+        column = column.cast(pa.timestamp("s"))
     if pa.types.is_timestamp(column.type):
-        # safe=False: sub-second precision (ms, us, ns are the norm in logs) is truncated to whole seconds
+        # safe=False: sub-second precision (ms, us, ns are the norm in logs) is cut to whole seconds, toward zero,
+        # so a moment before 1970 is moved back one second: its whole second is the one it lies in (the floor)
         seconds = column.cast(pa.timestamp("s", tz=column.type.tz), safe=False).cast(pa.int64())
-        return seconds.to_pandas().astype("string")
+        per_second = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[column.type.unit]
+        behind = pc.less(column.cast(pa.int64()), pc.multiply(seconds, per_second))
+        seconds = pc.subtract(seconds, pc.cast(behind, pa.int64()))
+        return seconds.cast(pa.string()).to_pandas().astype("string")
     if pa.types.is_floating(column.type):  # NaN is a missing value, not the id or time "nan"
         column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
     # cast in Arrow: via pandas, an integer column with a null becomes float and its ids "1.0" instead of "1"

@@ -4,8 +4,9 @@
 stage (mirror, cache or official source; ``synthetic`` needs nothing), merges every event before the cut into the
 interaction store and writes each later period as one log file named by the period's first day
 (``<inbox>/1998-03-01.csv``, ``1998-03-02.csv``, ...) in the format that ``data.custom`` describes (column names,
-delimiter, csv / jsonl / parquet). Those files are what a log shipper would have delivered, so the retraining DAG
-picks them up interval by interval: trigger it for a replayed date or backfill a range of them.
+delimiter, csv / jsonl / parquet, unix seconds or the declared ``timestamp_format``). Those files are what a log
+shipper would have delivered, so the retraining DAG picks them up interval by interval: trigger it for a replayed
+date or backfill a range of them.
 
 Weekly periods start on the cut date (files ``<cut>``, ``<cut + 7 days>``, ...). Datasets without real
 timestamps (the SASRec / S3Rec sequence formats, whose "timestamps" are line positions) are refused. Replaying again
@@ -99,6 +100,10 @@ def _write_log(
     """Write one period's events as the log format of ``data.custom``; returns the file's path."""
     columns = {canonical: name for canonical, name in custom.columns().items() if canonical in events}
     frame = events[list(columns)].rename(columns=columns)
+    if custom.timestamp_format not in ("auto", "unix"):  # the times as data.custom.timestamp_format spells them
+        moments = pd.to_datetime(frame[custom.timestamp_col], unit="s", utc=True)
+        iso = custom.timestamp_format == "iso8601"
+        frame[custom.timestamp_col] = moments.dt.strftime("%Y-%m-%dT%H:%M:%SZ" if iso else custom.timestamp_format)
     fmt = "csv" if custom.format == "auto" else custom.format
     buffer = io.BytesIO()
     if fmt == "csv":

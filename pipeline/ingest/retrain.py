@@ -124,6 +124,9 @@ def training_overrides(params: Params, interval: Interval) -> dict[str, Any]:
             "timestamp_col": "timestamp",
             "rating_col": "rating",
             "until": int(interval.end.timestamp()),  # re-running an old interval never sees later days
+            # the store holds ids and times typed at ingest already: read them back as they are
+            "id_type": "string",
+            "timestamp_format": "unix",
         },
         "data.interim_dir": str(root / "interim"),
         "preprocess.processed_dir": str(root / "processed"),
