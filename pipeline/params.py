@@ -123,6 +123,7 @@ class DataParams:
     cache_dir: str = "data/cache"
     interim_dir: str = "data/interim"
     max_bad_fraction: float = 0.01
+    max_file_mb: int = 64  # MiB per custom log file (JSON lines: 4x); see pipeline.data.readers
     timestamps: TimestampParams = field(default_factory=TimestampParams)
     beauty_source: Literal["auto", "raw", "s3rec", "ticoserec"] = "auto"
     download: DownloadParams = field(default_factory=DownloadParams)
@@ -311,6 +312,7 @@ SEED_RANGE = (0, 2**32 - 1)  # numpy's legacy seeding (np.random.seed) takes no 
 # above any recommender this pipeline trains, at values whose network alone still fits a large GPU; what a
 # combination of sizes needs for the actual catalogue is estimated when training starts (training_memory_bytes).
 LIMITS: dict[str, tuple[float, float]] = {  # inclusive; the validators above refuse a zero where it is one
+    "data.max_file_mb": (1, 4096),  # a CSV file takes about 20x its size in memory while it is read
     "data.download.retries": (0, 100),
     "data.download.backoff_s": (0, 3600),
     "data.download.timeout_s": (0, 3600),

@@ -179,9 +179,14 @@ def _file_record(path: Path, checksum: str | None, sha256: str | None = None) ->
 
 
 def read_custom_source(
-    custom: CustomSourceParams, path: str | None = None, window: TimestampWindow | None = None
+    custom: CustomSourceParams,
+    path: str | None = None,
+    window: TimestampWindow | None = None,
+    *,
+    max_file_mb: int = DataParams.max_file_mb,
 ) -> ReadResult:
-    """Read ``path`` (default ``data.custom.path``) with the column mapping and event filter of ``data.custom``."""
+    """Read ``path`` (default ``data.custom.path``) with the column mapping and event filter of ``data.custom``,
+    each file within ``data.max_file_mb``."""
     return read_custom(
         path or custom.path,
         custom.columns(),
@@ -191,12 +196,13 @@ def read_custom_source(
         event_types=custom.event_types,
         window=window,
         log_typing=custom.log_typing(),
+        max_file_mb=max_file_mb,
     )
 
 
 def _custom(data: DataParams) -> tuple[ReadResult, dict[str, Any]]:
     custom = data.custom
-    result = read_custom_source(custom, window=data.timestamps.window())
+    result = read_custom_source(custom, window=data.timestamps.window(), max_file_mb=data.max_file_mb)
     if custom.until is not None:
         # e.g. a retraining interval: events merged later (by later intervals) must not leak into this one
         later = result.events["timestamp"] >= custom.until

@@ -2,7 +2,9 @@
 
 Rows that cannot be parsed are never dropped silently: each one is kept with its source file, line number, raw text
 and a reason, written to a quarantine file, and counted. Past ``max_bad_fraction`` the stage fails, because a file
-that is mostly garbage usually means a wrong format or column mapping rather than a few corrupt lines.
+that is mostly garbage usually means a wrong format or column mapping rather than a few corrupt lines. A last line
+without its newline is quarantined but not malformed: a writer cut short or still appending leaves exactly that in a
+good log, and one such line must not fail a small file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pipeline.io import atomic_path
 log = logging.getLogger(__name__)
 
 QUARANTINE_COLUMNS = ["source", "line", "reason", "raw"]
+INCOMPLETE = "incomplete last line: no newline at the end of the file (cut mid-write?)"
 
 
 @dataclass
@@ -53,6 +56,11 @@ def write_quarantine(path: str | os.PathLike[str], bad_rows: pd.DataFrame) -> No
         bad_rows.reindex(columns=QUARANTINE_COLUMNS).to_csv(tmp, index=False)
 
 
+def malformed_mask(bad_rows: pd.DataFrame) -> pd.Series:
+    """Which quarantined rows count toward ``max_bad_fraction``: all but cut last lines (see the module docstring)."""
+    return (bad_rows["reason"] != INCOMPLETE).fillna(True).astype(bool)
+
+
 def enforce_bad_fraction(
     bad_rows: pd.DataFrame,
     total_rows: int,
@@ -60,11 +68,23 @@ def enforce_bad_fraction(
     quarantine: str,
     setting: str = "data.max_bad_fraction",
 ) -> None:
-    """Log the counts per reason; raise when bad rows exceed ``max_fraction`` (the parameter ``setting``)."""
+    """Log the counts per reason; raise when malformed rows exceed ``max_fraction`` (the parameter ``setting``).
+
+    A cut last line is quarantined with the rest but is not malformed: it is logged as a warning naming its file.
+    """
     if total_rows == 0:
         raise BadInputError("the input holds no rows at all: nothing to build interactions from")
     if bad_rows.empty:
         return
+    counted = malformed_mask(bad_rows)
+    for source in bad_rows.loc[~counted, "source"].drop_duplicates():
+        log.warning(
+            "%s: its last line has no newline (a write cut short, or a writer still appending); it is quarantined "
+            "to %s, not counted as malformed, and waits for a complete write: read the file again once the line "
+            "ends in its newline",
+            source,
+            quarantine,
+        )
     by_reason = bad_rows["reason"].value_counts()
     log.warning(
         "quarantined %d of %d rows (%.3f%%) to %s: %s",
@@ -74,12 +94,13 @@ def enforce_bad_fraction(
         quarantine,
         ", ".join(f"{reason}: {count}" for reason, count in by_reason.items()),
     )
-    fraction = len(bad_rows) / total_rows
+    malformed = bad_rows[counted]
+    fraction = len(malformed) / total_rows
     if fraction > max_fraction:
         examples = "; ".join(
-            f"{row.source}:{row.line}: {row.reason}: {str(row.raw)[:60]!r}" for row in bad_rows.head(5).itertuples()
+            f"{row.source}:{row.line}: {row.reason}: {str(row.raw)[:60]!r}" for row in malformed.head(5).itertuples()
         )
         raise BadInputError(
-            f"{len(bad_rows)} of {total_rows} rows ({fraction:.1%}) are malformed, above "
+            f"{len(malformed)} of {total_rows} rows ({fraction:.1%}) are malformed, above "
             f"{setting}={max_fraction}; all bad rows with reasons are in {quarantine}. First bad rows: {examples}"
         )

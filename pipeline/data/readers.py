@@ -13,10 +13,13 @@ reason instead of dropping them (see :mod:`pipeline.data.quarantine`). Lines are
 on its own and the rest of the file is read.
 
 Only complete data is read: a last line without its newline (a write cut short, or a writer still appending) is
-quarantined, never an event, and a file that changes while it is read is refused. Memory is bounded by the limits
-below, not by the input: files are inflated as a stream and refused past ``MAX_FILE_BYTES`` (``MAX_JSONL_BYTES`` for
-JSON lines), lines over ``MAX_LINE_CHARS`` are quarantined, and a CSV header over ``MAX_COLUMNS`` is refused before
-it is parsed. A column named twice is refused (a JSON record giving a key twice is quarantined).
+quarantined, never an event (nor malformed: see :mod:`pipeline.data.quarantine`), and a file that changes while it is
+read is refused. Memory is bounded by the limits below, not by the input: text files are inflated as a stream and
+refused past ``data.max_file_mb`` (default ``MAX_FILE_BYTES``; ``JSONL_FACTOR`` times that for JSON lines), lines
+over ``MAX_LINE_CHARS`` are quarantined, a CSV header over ``MAX_COLUMNS`` is refused before it is parsed, and a
+Parquet file is refused by its metadata, before its data is read (:func:`_parquet_within_limit`). A column named
+twice is refused (a JSON record giving a key twice is quarantined); a CSV header's empty names that no mapping uses
+(the trailing delimiters of a spreadsheet export) are ignored.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.data.events import LogTyping, TimestampWindow, bool_mask, timestamp_format_error, validate_events
-from pipeline.data.quarantine import BadInputError, ReadResult, bad_rows_frame, empty_bad_rows
+from pipeline.data.quarantine import INCOMPLETE, BadInputError, ReadResult, bad_rows_frame, empty_bad_rows
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +53,26 @@ STRAY_CR = "carriage return inside the line"
 OPEN_QUOTE = 'unbalanced double quotes (an odd number of ")'
 LINE_COLUMN = "__hymoe_line__"  # the physical line number the CSV reader carries through pyarrow with every row
 MAX_SHOWN = 120  # characters of a file's content an error message may quote
-# Limits that keep a reader's memory bounded by them, not by its input (documented in the README): a file at its
-# limit is read within a 4 GiB address space. A CSV row costs far more memory per byte than a JSON record, which
-# repeats its keys (Amazon's Beauty reviews, about 100 MB of JSON lines, must fit).
-MAX_FILE_BYTES = 64 * 2**20  # bytes of text per file, after gunzip; split larger logs into several files
-MAX_JSONL_BYTES = 256 * 2**20  # the same for a JSON-lines file
+# Limits that keep a reader's memory bounded by them, not by its input (documented in the README): a file at the
+# default limit is read within a 4 GiB address space (a CSV takes about 20x its size while it is read). A CSV row
+# costs far more memory per byte than a JSON record, which repeats its keys (Amazon's Beauty reviews, about 100 MB of
+# JSON lines, must fit). The per-file size is the parameter data.max_file_mb; these are its default and ratios.
+SIZE_SETTING = "data.max_file_mb"
+MAX_FILE_BYTES = 64 * 2**20  # bytes of text per file, after gunzip, at the default data.max_file_mb
+JSONL_FACTOR = 4  # a JSON-lines file may hold this many times data.max_file_mb
+MAX_JSONL_BYTES = JSONL_FACTOR * MAX_FILE_BYTES
+# Parquet is bounded by its footer, before any data is read. Measured on a 3.5 MB log of typical rows (u123,i45,
+# unix seconds): the mapped columns hold 0.85x the CSV's bytes uncompressed and reading takes about the same peak
+# memory (0.9-1x the CSV's), so the same number of bytes is allowed. A dictionary- or run-length-encoded column is
+# tiny uncompressed (two million rows of one id: 17 KB) but decodes to a string per row: rows are capped too, at what
+# a CSV file at the limit could hold with its shortest rows.
+PARQUET_SIZE_FACTOR = 1  # mapped columns' uncompressed bytes allowed per byte of data.max_file_mb
+MIN_ROW_BYTES = 6  # "1,2,3\n": a Parquet file may hold data.max_file_mb / 6 rows
+MAX_FOOTER_BYTES = 16 * 2**20  # a Parquet footer (schema and metadata); 1,500 columns take 0.3 MB
 MAX_LINE_CHARS = 2**20  # characters per line; a longer line is quarantined
-MAX_COLUMNS = 1_000  # columns a CSV header or Parquet schema may have
+MAX_COLUMNS = 1_000  # columns a CSV header may have (Parquet: only the mapped columns are read)
 TOO_LONG = f"line longer than {MAX_LINE_CHARS:,} characters"
-INCOMPLETE = "incomplete last line: no newline at the end of the file (cut mid-write?)"
+OVER_LIMIT_ADVICE = f"split the log into smaller files, convert it to Parquet, or raise {SIZE_SETTING}"
 CHANGED = (
     "changed while it was read: a writer is still appending; write the file elsewhere and rename it into place "
     "when complete, and it is read on the next run"
@@ -81,8 +95,8 @@ def read_bytes(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> byt
         before = os.fstat(handle.fileno())
         if before.st_size > limit:
             raise BadInputError(
-                f"{path}: {before.st_size:,} bytes, over the limit of {limit:,} per file (split the log into "
-                "smaller files)"
+                f"{path}: {before.st_size:,} bytes, over the limit of {limit:,} per file set by {SIZE_SETTING} "
+                f"(JSON lines: {JSONL_FACTOR}x); {OVER_LIMIT_ADVICE}"
             )
         if handle.peek(2)[:2] == GZIP_MAGIC:
             data: bytes | bytearray = _inflate(handle, before.st_size, limit, path)
@@ -116,8 +130,8 @@ def _inflate(handle: BinaryIO, size: int, limit: int, path: str | os.PathLike[st
             pending = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
             if len(inflated) > limit:
                 raise BadInputError(
-                    f"{path}: inflates to more than the limit of {limit:,} bytes per file (a gzip bomb? else split "
-                    "the log into smaller files)"
+                    f"{path}: inflates to more than the limit of {limit:,} bytes per file set by {SIZE_SETTING} "
+                    f"(a gzip bomb? else {OVER_LIMIT_ADVICE})"
                 )
     except zlib.error as err:
         raise BadInputError(f"{path}: starts like a gzip file but cannot be decompressed ({err})") from err
@@ -129,9 +143,12 @@ def _inflate(handle: BinaryIO, size: int, limit: int, path: str | os.PathLike[st
     return inflated
 
 
-def read_text_lines(path: str | os.PathLike[str], encoding: str = "utf-8") -> tuple[pd.Series, pd.DataFrame]:
-    """Physical lines of a plain or gzip text file, and the quarantine rows of lines that cannot be read."""
-    return split_lines(str(path), read_bytes(path), encoding)
+def read_text_lines(
+    path: str | os.PathLike[str], encoding: str = "utf-8", limit: int = MAX_FILE_BYTES
+) -> tuple[pd.Series, pd.DataFrame]:
+    """Physical lines of a plain or gzip text file of at most ``limit`` bytes, and the quarantine rows of lines that
+    cannot be read."""
+    return split_lines(str(path), read_bytes(path, limit), encoding)
 
 
 def split_lines(source: str, data: bytes | bytearray, encoding: str = "utf-8") -> tuple[pd.Series, pd.DataFrame]:
@@ -402,8 +419,10 @@ def read_jsonl(
     integer_ids: bool = False,
     window: TimestampWindow | None = None,
     log_typing: LogTyping | None = None,
+    limit: int = MAX_JSONL_BYTES,
 ) -> ReadResult:
-    """JSON lines (plain or gzip), e.g. Amazon reviews; ``columns`` maps canonical name -> JSON key.
+    """JSON lines (plain or gzip) of at most ``limit`` bytes, e.g. Amazon reviews; ``columns`` maps canonical name ->
+    JSON key.
 
     pyarrow parses well-formed files in C; a file with a malformed line, or whose mapped fields pyarrow typed as
     anything but strings and numbers (a boolean id, a list), falls back to a per-line parse so each bad record is
@@ -412,7 +431,7 @@ def read_jsonl(
     paths see the same bytes. ``log_typing`` types a custom log's fields (:class:`pipeline.data.events.LogTyping`).
     """
     source = str(path)
-    data = read_bytes(path, MAX_JSONL_BYTES)
+    data = read_bytes(path, limit)
     fast = _jsonl_fast(source, data, columns, log_typing)
     if fast is not None:
         parts, bad, typed_times = fast
@@ -547,8 +566,10 @@ def read_custom(
     event_types: list[str] | None = None,
     window: TimestampWindow | None = None,
     log_typing: LogTyping | None = None,
+    max_file_mb: int = MAX_FILE_BYTES // 2**20,
 ) -> ReadResult:
-    """A user's own logs: one file, a folder or a glob of csv / parquet / jsonl (optionally gzip).
+    """A user's own logs: one file, a folder or a glob of csv / parquet / jsonl (optionally gzip), each file within
+    ``max_file_mb`` (``data.max_file_mb``; see the module docstring for JSON lines and Parquet).
 
     ``columns`` maps canonical names (``user_id``, ``item_id``, ``timestamp``, optional ``rating``) to the file's
     column names. Ids and times follow ``log_typing`` (``data.custom.id_type`` and ``timestamp_format``, default
@@ -570,7 +591,8 @@ def read_custom(
     wanted = dict(columns)
     if event_col:
         wanted["event"] = event_col
-    results = [_read_custom_file(f, wanted, fmt, delimiter, window, log_typing) for f in files]
+    limit = max_file_mb * 2**20
+    results = [_read_custom_file(f, wanted, fmt, delimiter, window, log_typing, limit) for f in files]
     events = pd.concat([r.events for r in results], ignore_index=True)
     bad = pd.concat([r.bad_rows for r in results], ignore_index=True)
     total = sum(r.total_rows for r in results)
@@ -603,33 +625,37 @@ def _read_custom_file(
     delimiter: str,
     window: TimestampWindow | None,
     log_typing: LogTyping,
+    limit: int,
 ) -> ReadResult:
     kind = _format_of(path) if fmt == "auto" else fmt
     if kind is None:
         raise BadInputError(f"{path}: cannot tell the format from the name; set data.custom.format")
     if kind == "jsonl":
-        result = read_jsonl(path, columns, window=window, log_typing=log_typing)
+        result = read_jsonl(path, columns, window=window, log_typing=log_typing, limit=JSONL_FACTOR * limit)
     elif kind == "parquet":
-        result = _read_parquet(path, columns, window, log_typing)
+        result = _read_parquet(path, columns, window, log_typing, limit)
     else:
-        result = _read_csv(path, columns, delimiter, window, log_typing)
+        result = _read_csv(path, columns, delimiter, window, log_typing, limit)
     if result.total_rows == 0:
         log.warning("%s holds no rows (a header or schema only): nothing read from it", path)
     return result
 
 
 def _read_parquet(
-    path: Path, columns: dict[str, str], window: TimestampWindow | None, log_typing: LogTyping
+    path: Path, columns: dict[str, str], window: TimestampWindow | None, log_typing: LogTyping, limit: int
 ) -> ReadResult:
+    """A Parquet log: only its mapped columns are read, and only once its footer shows they fit ``limit``."""
+    wanted = list(dict.fromkeys(columns.values()))
     try:
         before = os.stat(path)
-        schema = pq.read_schema(path)
-        if len(schema.names) > MAX_COLUMNS:
-            raise BadInputError(f"{path}: {len(schema.names):,} columns, more than the limit of {MAX_COLUMNS:,}")
-        _refuse_repeated(path, "the schema", schema.names)
-        _require_columns(path, columns, schema.names)
-        _require_id_and_time_types(path, columns, schema)
-        table = pq.read_table(path, columns=list(dict.fromkeys(columns.values())))
+        _refuse_large_footer(path)
+        with pq.ParquetFile(path) as parquet:
+            schema = parquet.schema_arrow
+            _refuse_repeated(path, "the schema", schema.names, wanted)
+            _require_columns(path, columns, schema.names)
+            _require_id_and_time_types(path, columns, schema)
+            _parquet_within_limit(path, parquet.metadata, wanted, limit)
+            table = parquet.read(columns=wanted)
         frame = pd.DataFrame({c: _arrow_to_text(table.column(k)) for c, k in columns.items()})
         after = os.stat(path)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:  # not Parquet, or a column of lists
@@ -652,7 +678,12 @@ def _read_parquet(
 
 
 def _read_csv(
-    path: Path, columns: dict[str, str], delimiter: str, window: TimestampWindow | None, log_typing: LogTyping
+    path: Path,
+    columns: dict[str, str],
+    delimiter: str,
+    window: TimestampWindow | None,
+    log_typing: LogTyping,
+    limit: int,
 ) -> ReadResult:
     """A CSV log: pyarrow parses it in C, with each row's physical line number carried in an extra first column.
 
@@ -662,7 +693,7 @@ def _read_csv(
     """
     if len(delimiter) != 1 or delimiter in '\r\n"':
         raise BadInputError(f"data.custom.csv_delimiter must be one character, not a quote or newline: {delimiter!r}")
-    lines, unreadable = read_text_lines(path)
+    lines, unreadable = read_text_lines(path, limit=limit)
     filled = bool_mask(lines.str.len() > 0)  # pyarrow skips empty lines, so they are not rows
     header_at = int(np.flatnonzero(filled)[0]) if filled.any() else len(lines)
     if not unreadable.empty and int(unreadable["line"].iloc[0]) <= header_at + 1:  # rows are sorted by line
@@ -676,7 +707,8 @@ def _read_csv(
             f"{MAX_COLUMNS:,}: is this a CSV log, and is data.custom.csv_delimiter right?"
         )
     header = _csv_header(path, lines.iloc[header_at], delimiter)
-    _refuse_repeated(path, "the header", header)
+    wanted = list(dict.fromkeys(columns.values()))
+    _refuse_repeated(path, "the header", header, wanted)
     if len(header) == 1 and len(columns) > 1:  # the content is not shown: it may be anything (a passwd file)
         raise BadInputError(
             f"{path}: the header (line {header_at + 1}) has a single column, no {delimiter!r} in it: is "
@@ -707,7 +739,6 @@ def _read_csv(
         return "skip"
 
     payload = _numbered_csv(lines, header_at, body, delimiter)
-    wanted = list(dict.fromkeys(columns.values()))
     try:
         table = pacsv.read_csv(
             pa.BufferReader(payload),
@@ -793,10 +824,53 @@ def _locate_bad_rows(path: str, data: bytes | bytearray, bad: pd.DataFrame) -> p
     return bad
 
 
-def _refuse_repeated(path: Path, where: str, names: list[str]) -> None:
-    """Refuse a file that names a column twice: readers would silently pick one of them, each its own way."""
-    if repeated := _repeated(names):
-        raise BadInputError(f"{path}: {where} names column(s) {_shown(repeated)} more than once; rename them")
+def _refuse_repeated(path: Path, where: str, names: list[str], mapped: list[str]) -> None:
+    """Refuse a file that names a column twice: readers would silently pick one of them, each its own way.
+
+    Empty names are the exception while no mapping uses them: a spreadsheet's export ends its header in delimiters
+    (``user_id,item_id,timestamp,,``), and columns without a name are never read.
+    """
+    repeated = _repeated(names)
+    if "" in repeated and "" not in mapped:
+        repeated.remove("")
+    if repeated:
+        empty = " ('' is a column without a name: trailing delimiters?)" if "" in repeated else ""
+        raise BadInputError(f"{path}: {where} names column(s) {_shown(repeated)} more than once{empty}; rename them")
+
+
+def _refuse_large_footer(path: Path) -> None:
+    """Refuse a Parquet footer over ``MAX_FOOTER_BYTES`` before it is parsed: its schema and metadata are read whole
+    (a file of a million columns has a footer of hundreds of megabytes). The length is the 4 bytes before the
+    closing ``PAR1``; a file without them is left to pyarrow, which refuses it as no Parquet."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        handle.seek(max(size - 8, 0))
+        tail = handle.read(8)
+    if len(tail) == 8 and tail[4:] == b"PAR1" and (footer := int.from_bytes(tail[:4], "little")) > MAX_FOOTER_BYTES:
+        raise BadInputError(
+            f"{path}: a Parquet footer (schema and metadata) of {footer:,} bytes, over the limit of "
+            f"{MAX_FOOTER_BYTES:,}: too many columns or row groups; write only the log's columns"
+        )
+
+
+def _parquet_within_limit(path: Path, metadata: pq.FileMetaData, wanted: list[str], limit: int) -> None:
+    """Refuse a Parquet file whose mapped columns would not fit the memory that ``limit`` (``data.max_file_mb``)
+    allows a CSV file: by their uncompressed size and by the number of rows (see ``PARQUET_SIZE_FACTOR``)."""
+    leaves = [
+        i
+        for i in range(metadata.num_columns)
+        if (name := metadata.schema.column(i).path) in wanted or name.split(".", 1)[0] in wanted
+    ]
+    size = sum(
+        metadata.row_group(g).column(i).total_uncompressed_size for g in range(metadata.num_row_groups) for i in leaves
+    )
+    max_size, max_rows = PARQUET_SIZE_FACTOR * limit, limit // MIN_ROW_BYTES
+    if size > max_size or metadata.num_rows > max_rows:
+        raise BadInputError(
+            f"{path}: {metadata.num_rows:,} rows whose mapped columns hold {size:,} bytes uncompressed, over the "
+            f"limit of {max_rows:,} rows and {max_size:,} bytes per Parquet file set by {SIZE_SETTING}; split the "
+            f"file into smaller ones, or raise {SIZE_SETTING}"
+        )
 
 
 def _require_id_and_time_types(path: Path, columns: dict[str, str], schema: pa.Schema) -> None:

@@ -219,6 +219,7 @@ def validate_batch(
             out,
             sources=sources,
             timestamps=params.data.timestamps,
+            max_file_mb=params.data.max_file_mb,
         )
         return asdict(report)
 

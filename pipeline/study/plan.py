@@ -29,6 +29,7 @@ NOT_IN_DIGEST = (
     "data.mirror",
     "data.cache_dir",
     "data.interim_dir",
+    "data.max_file_mb",  # a limit: a run reads the same data or is refused, so results recorded before it stay valid
     "preprocess.processed_dir",
     "train.model_dir",
     "train.seed",
