@@ -1,7 +1,9 @@
 """Only complete data is read, and memory stays bounded by the readers' limits, not by the input (issue 27).
 
 Each test names the case it pins down: a line cut mid-write stored as an event, a file read while a writer still
-appends, a gzip bomb or a million-column header exhausting memory, an over-long line, a column named twice.
+appends, a gzip bomb or a million-column header exhausting memory, an over-long line, a column named twice. The
+review of those changes added: the size limit as a parameter (data.max_file_mb), Parquet bounded by its metadata,
+a spreadsheet's trailing delimiters, and a cut last line that is quarantined without failing a small file.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,14 +29,16 @@ from pipeline.data.readers import (
     INCOMPLETE,
     MAX_COLUMNS,
     MAX_FILE_BYTES,
+    MAX_FOOTER_BYTES,
     MAX_JSONL_BYTES,
     MAX_LINE_CHARS,
+    MIN_ROW_BYTES,
     TOO_LONG,
     read_custom,
     read_delimited,
     read_user_sequences,
 )
-from tests.conftest import REPO_ROOT, write_text
+from tests.conftest import REPO_ROOT, pipeline_cli, write_text
 from tests.test_bad_input import COLUMNS, T0, assert_one_line_error, good_rows, log_csv
 
 ADDRESS_SPACE = 4 * 2**30  # `ulimit -v 4G`: the issue's bound for a gzip bomb and a million-column header
@@ -163,7 +168,8 @@ def test_a_gzip_bomb_ends_in_one_line_under_a_4_gib_address_space(tmp_path: Path
     assert bomb.stat().st_size < limit // 100
     done = download_cli(tmp_path, bomb.parent, address_space=ADDRESS_SPACE)
     line = assert_one_line_error(done, "download", 1)
-    assert f"{bomb}: inflates to more than the limit of {limit:,} bytes per file (a gzip bomb?" in line
+    assert f"{bomb}: inflates to more than the limit of {limit:,} bytes per file set by data.max_file_mb" in line
+    assert "(a gzip bomb? else split the log into smaller files, convert it to Parquet" in line
 
 
 def test_a_million_column_header_ends_in_one_line_under_a_4_gib_address_space(tmp_path: Path) -> None:
@@ -228,3 +234,107 @@ def test_a_json_record_giving_a_key_twice_is_quarantined(tmp_path: Path) -> None
     assert result.bad_rows[["line", "reason", "raw"]].values.tolist() == [
         [4, "a key given more than once in the record: ['item_id']", twice]
     ]
+
+
+# ----------------------------------------------------------------------------------------------- review of issue 27
+def test_the_file_size_limit_is_the_parameter_data_max_file_mb(tmp_path: Path) -> None:
+    """A log over a lowered limit is refused naming the parameter; a raised limit reads it (was: 64 MiB, fixed)."""
+    log = write_text(tmp_path / "logs" / "big.csv", log_csv(good_rows(60_000)))  # about 1.5 MiB
+    assert 2**20 < log.stat().st_size < 2 * 2**20
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  dataset: custom\n  custom:\n    path: {json.dumps(str(log))}\n")
+    done = pipeline_cli(params, "--set", "data.max_file_mb=1", "download")
+    line = assert_one_line_error(done, "download", 1)
+    size = log.stat().st_size
+    assert f"big.csv: {size:,} bytes, over the limit of {2**20:,} per file set by data.max_file_mb" in line
+    assert "convert it to Parquet" in line and "split the log" in line
+    done = pipeline_cli(params, "--set", "data.max_file_mb=2", "download")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert pq.read_metadata(tmp_path / "data" / "interim" / "interactions.parquet").num_rows == 60_000
+    refused = pipeline_cli(params, "--set", "data.max_file_mb=0", "download")
+    assert "data.max_file_mb must lie in [1, 4096], got 0" in assert_one_line_error(refused, "download", 2)
+
+
+@pytest.mark.parametrize("bound", ["bytes", "rows"])
+def test_a_parquet_file_over_the_limit_is_refused_by_its_metadata(tmp_path: Path, bound: str) -> None:
+    """Distinct ids over the limit uncompressed, or a run of one id (17 KB on disk, a string per row once read):
+    both are refused from the footer, before a column is read (was: pq.read_table of the whole file, no cap)."""
+    path = tmp_path / "log.parquet"
+    if bound == "bytes":  # 60,000 rows (under the row cap) of about 40 bytes each
+        n = 60_000
+        users = pa.array([f"user-{i:035d}" for i in range(n)])
+    else:  # one id repeated: dictionary- and run-length-encoded to almost nothing
+        n = 2**20 // MIN_ROW_BYTES + 1
+        users = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array(["u1"]))
+    items = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array(["i1"]))
+    pq.write_table(pa.table({"user_id": users, "item_id": items, "timestamp": pa.array(np.full(n, T0))}), path)
+    assert path.stat().st_size < 2**20
+    with pytest.raises(BadInputError) as caught:
+        read_custom(str(path), COLUMNS, max_file_mb=1)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {n:,} rows whose mapped columns hold ")
+    assert f"over the limit of {2**20 // MIN_ROW_BYTES:,} rows and {2**20:,} bytes per Parquet file" in message
+    assert "set by data.max_file_mb" in message
+    assert len(read_custom(str(path), COLUMNS, max_file_mb=64).events) == n  # within the default limit: read
+
+
+def test_a_parquet_footer_over_its_limit_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    """The footer (schema and metadata) is parsed whole: its length, in the file's last 8 bytes, is checked first."""
+    path = tmp_path / "log.parquet"
+    footer = MAX_FOOTER_BYTES + 1
+    path.write_bytes(b"PAR1" + b"\0" * 64 + footer.to_bytes(4, "little") + b"PAR1")
+    with pytest.raises(
+        BadInputError, match=f"log.parquet: a Parquet footer \\(schema and metadata\\) of {footer:,} bytes"
+    ):
+        read_custom(str(path), COLUMNS)  # was: handed to pyarrow, whatever its size
+
+
+def test_a_wide_parquet_file_is_read_when_only_its_mapped_columns_are(tmp_path: Path) -> None:
+    """1,500 columns, three mapped (was: refused by the CSV header's limit of 1,000 columns)."""
+    names = ["user_id", "item_id", "timestamp", *(f"extra{i}" for i in range(1_497))]
+    arrays = [pa.array(["u1", "u2"]), pa.array(["i1", "i2"]), pa.array([T0, T0 + 1])]
+    arrays += [pa.array([0.5, 1.5])] * 1_497
+    path = tmp_path / "wide.parquet"
+    pq.write_table(pa.Table.from_arrays(arrays, names=names), path)
+    result = read_custom(str(path), COLUMNS)
+    assert result.events.values.tolist() == [["u1", "i1", T0], ["u2", "i2", T0 + 1]]
+
+
+def test_a_csv_header_ending_in_delimiters_reads_as_before(tmp_path: Path) -> None:
+    """A spreadsheet's export: ``user_id,item_id,timestamp,,`` (was: refused as a column named twice, [''])."""
+    rows = [f"u1,i1,{T0},,", f"u2,i2,{T0 + 1},,"]
+    path = write_text(tmp_path / "log.csv", log_csv(rows, "user_id,item_id,timestamp,,"))
+    result = read_custom(str(path), COLUMNS)
+    assert result.events.values.tolist() == [["u1", "i1", T0], ["u2", "i2", T0 + 1]] and result.bad_rows.empty
+    with pytest.raises(BadInputError, match=r"names column\(s\) \[''\] more than once \('' is a column without"):
+        read_custom(str(path), {**COLUMNS, "rating": ""})  # a mapped name without a name: which column is meant?
+
+
+def test_a_cut_last_line_is_quarantined_without_failing_a_small_download(tmp_path: Path) -> None:
+    """Three rows, the last without its newline, as "\\n".join writers and spreadsheet exports leave them: one
+    quarantined row of three was 33% malformed, over data.max_bad_fraction=0.01, and failed the stage."""
+    log = write_text(tmp_path / "logs" / "events.csv", "user_id,item_id,timestamp\n" + "\n".join(good_rows(3)))
+    done = download_cli(tmp_path, log)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{log}: its last line has no newline" in done.stderr and "waits for a complete write" in done.stderr
+    stored = pq.read_table(tmp_path / "data" / "interim" / "interactions.parquet").to_pandas()
+    assert stored["user_id"].tolist() == ["u0", "u1"]
+    quarantine = pd.read_csv(tmp_path / "data" / "interim" / "quarantine.csv")
+    assert quarantine[["line", "reason", "raw"]].values.tolist() == [[4, INCOMPLETE, good_rows(3)[2]]]
+
+
+def test_a_cut_last_line_is_quarantined_without_failing_a_small_inbox_interval(tmp_path: Path) -> None:
+    """The same through ``ingest`` (retrain.max_bad_fraction=0.05); report.json counts the line apart."""
+    (tmp_path / "inbox").mkdir()
+    params = tmp_path / "params.yaml"
+    params.write_text("retrain:\n  inbox: inbox\n  store_dir: store\n  work_dir: work\n")
+    day = "2024-01-19"
+    (tmp_path / "inbox" / f"{day}.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(good_rows(3)))
+    done = pipeline_cli(params, "ingest", "--start", day)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{day}.csv: its last line has no newline" in done.stderr
+    ingest = tmp_path / "work" / "20240119T000000_20240120T000000" / "ingest"
+    report = json.loads((ingest / "report.json").read_text())
+    assert (report["events"], report["malformed"], report["incomplete"], report["rows"]) == (2, 0, 1, 3)
+    quarantine = pd.read_csv(ingest / "quarantine.csv")
+    assert quarantine[["line", "reason", "raw"]].values.tolist() == [[4, INCOMPLETE, good_rows(3)[2]]]
