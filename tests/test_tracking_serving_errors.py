@@ -44,21 +44,26 @@ def warnings_in(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " WARNING " in line]
 
 
-# ----------------------------------------------------------------------------------------------- tracking
-def test_a_refusing_tracking_database_fails_in_one_line_within_seconds(tmp_path: Path) -> None:
-    """The client used to be built outside the retries: MLflow retried the database for ~100 s, then a traceback."""
-    params_file = write_params(tmp_path / "params.yaml", tiny_overrides(tmp_path))  # default retries and back-off
-    uri = f"postgresql://127.0.0.1:{free_port()}/x"
+def train_against(uri: str, params_file: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """``python -m pipeline train`` with ``$MLFLOW_TRACKING_URI=uri``, in the params file's folder; its seconds."""
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "--params", str(params_file), "train"],
-        cwd=tmp_path,
+        cwd=params_file.parent,
         env=cli_env(MLFLOW_TRACKING_URI=uri),
         capture_output=True,
         text=True,
         timeout=300,
     )
-    elapsed = time.monotonic() - started
+    return done, time.monotonic() - started
+
+
+# ----------------------------------------------------------------------------------------------- tracking
+def test_a_refusing_tracking_database_fails_in_one_line_within_seconds(tmp_path: Path) -> None:
+    """The client used to be built outside the retries: MLflow retried the database for ~100 s, then a traceback."""
+    params_file = write_params(tmp_path / "params.yaml", tiny_overrides(tmp_path))  # default retries and back-off
+    uri = f"postgresql://127.0.0.1:{free_port()}/x"
+    done, elapsed = train_against(uri, params_file)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
@@ -67,6 +72,23 @@ def test_a_refusing_tracking_database_fails_in_one_line_within_seconds(tmp_path:
     assert len(warnings_in(done.stderr)) == 1  # later retries log at INFO
     assert elapsed < 60  # 1 + 2 + 4 + 8 s of back-off at the defaults, plus start-up
     assert not (tmp_path / "models" / "model.pt").exists()
+
+
+def test_a_tracking_store_that_cannot_be_created_fails_at_once_in_one_line(tmp_path: Path) -> None:
+    """Only a refused or timed-out connection is retried while connecting; this used to be retried 5 times and
+    reported as "unreachable or failing". A regular file stands where the database's folder should be: a real
+    failing path even for root (whom chmod does not stop)."""
+    (tmp_path / "file").write_text("not a folder\n")
+    uri = f"sqlite:///{tmp_path / 'file' / 'x' / 'mlflow.db'}"
+    overrides = tiny_overrides(tmp_path, **{"mlflow.retries": 4, "mlflow.backoff_s": 30.0})  # 4 waits of 30 s
+    params_file = write_params(tmp_path / "params.yaml", overrides)
+    done, elapsed = train_against(uri, params_file)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "unreachable" not in done.stderr, done.stderr
+    assert not warnings_in(done.stderr), done.stderr  # no "connect failed ...; retry 1/4"
+    cause = f"[Errno 20] Not a directory: '{tmp_path / 'file' / 'x'}'"
+    assert done.stderr.strip().splitlines()[-1] == f"error: train: cannot use MLflow at {uri}: {cause}"
+    assert elapsed < 60  # a retry budget of 120 s: the warnings above show that not even one wait was made
 
 
 def test_a_tracking_server_lost_mid_training_logs_one_warning_and_one_error_line(tmp_path: Path) -> None:
