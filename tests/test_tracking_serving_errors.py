@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from pipeline.local_servers import free_port, start_group, stop_group, wait_http
 from pipeline.params import Params, load_params
 from pipeline.stages import evaluate, train
 from pipeline.tracking.promotion import register
+from pipeline.tracking.runs import POINTER
 from tests.conftest import BIN, REPO_ROOT, MlflowServer, prepared, tiny_overrides, with_venv_path, write_params
 
 pytestmark = pytest.mark.slow
@@ -92,31 +94,49 @@ def test_a_tracking_store_that_cannot_be_created_fails_at_once_in_one_line(tmp_p
 
 
 def test_a_tracking_server_lost_mid_training_logs_one_warning_and_one_error_line(tmp_path: Path) -> None:
-    """The server is stopped after training's second epoch: one warning, the one-line error, no traceback."""
+    """The server is stopped while training's run is open: one warning, the one-line error, no traceback.
+
+    Deterministic without mocks: stopping the server after a given epoch raced the training, which on a fast machine
+    finished first and exited 0. Instead the training process is frozen (SIGSTOP) as soon as the run's pointer file
+    exists (written once the run is created, before the first epoch), the server confirms that the run is still
+    RUNNING, so the process has at least its `end run` call still to make, and only then is the server stopped and
+    the process thawed (SIGCONT). Whatever training had reached, its next MLflow call meets a stopped server.
+    """
     overrides = tiny_overrides(
         tmp_path, **{"train.epochs": 60, "train.patience": 60, "mlflow.retries": 1, "mlflow.backoff_s": 0.1}
     )
     params_file = write_params(tmp_path / "params.yaml", overrides)
     prepared(tmp_path)  # the data: downloads and preprocessing do not depend on train.*
+    pointer = tmp_path / "models" / POINTER
+    assert not pointer.exists()
     (tmp_path / "server").mkdir()
     server = MlflowServer(tmp_path / "server")
     server.start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "--params", str(params_file), "train"],
+        cwd=tmp_path,
+        env=cli_env(MLFLOW_TRACKING_URI=server.uri),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "--params", str(params_file), "train"],
-            cwd=tmp_path,
-            env=cli_env(MLFLOW_TRACKING_URI=server.uri),
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        log = tmp_path / "models" / "train_log.csv"
-        deadline = time.monotonic() + 240
-        while not (log.exists() and len(log.read_text().splitlines()) >= 3) and proc.poll() is None:
-            assert time.monotonic() < deadline, "training logged no second epoch"
-            time.sleep(0.05)
+        try:
+            deadline = time.monotonic() + 240
+            while not pointer.exists():
+                assert proc.poll() is None, f"training ended before creating its MLflow run: {proc.stderr.read()}"
+                assert time.monotonic() < deadline, "training created no MLflow run"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGSTOP)
+            run_id = json.loads(pointer.read_text())["run_id"]
+            assert server.client().get_run(run_id).info.status == "RUNNING"
+        finally:
+            server.stop()
+            proc.send_signal(signal.SIGCONT)
+        stderr = proc.communicate(timeout=240)[1]
     finally:
-        server.stop()
-    stderr = proc.communicate(timeout=240)[1]
+        if proc.poll() is None:  # only when an assertion above failed
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 1, stderr
     assert "Traceback" not in stderr
     warnings = warnings_in(stderr)
