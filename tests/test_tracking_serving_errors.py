@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from pipeline.local_servers import free_port, start_group, stop_group, wait_http
 from pipeline.params import Params, load_params
 from pipeline.stages import evaluate, train
 from pipeline.tracking.promotion import register
+from pipeline.tracking.runs import POINTER
 from tests.conftest import BIN, REPO_ROOT, MlflowServer, prepared, tiny_overrides, with_venv_path, write_params
 
 pytestmark = pytest.mark.slow
@@ -44,21 +46,26 @@ def warnings_in(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " WARNING " in line]
 
 
-# ----------------------------------------------------------------------------------------------- tracking
-def test_a_refusing_tracking_database_fails_in_one_line_within_seconds(tmp_path: Path) -> None:
-    """The client used to be built outside the retries: MLflow retried the database for ~100 s, then a traceback."""
-    params_file = write_params(tmp_path / "params.yaml", tiny_overrides(tmp_path))  # default retries and back-off
-    uri = f"postgresql://127.0.0.1:{free_port()}/x"
+def train_against(uri: str, params_file: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """``python -m pipeline train`` with ``$MLFLOW_TRACKING_URI=uri``, in the params file's folder; its seconds."""
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "--params", str(params_file), "train"],
-        cwd=tmp_path,
+        cwd=params_file.parent,
         env=cli_env(MLFLOW_TRACKING_URI=uri),
         capture_output=True,
         text=True,
         timeout=300,
     )
-    elapsed = time.monotonic() - started
+    return done, time.monotonic() - started
+
+
+# ----------------------------------------------------------------------------------------------- tracking
+def test_a_refusing_tracking_database_fails_in_one_line_within_seconds(tmp_path: Path) -> None:
+    """The client used to be built outside the retries: MLflow retried the database for ~100 s, then a traceback."""
+    params_file = write_params(tmp_path / "params.yaml", tiny_overrides(tmp_path))  # default retries and back-off
+    uri = f"postgresql://127.0.0.1:{free_port()}/x"
+    done, elapsed = train_against(uri, params_file)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
@@ -69,32 +76,67 @@ def test_a_refusing_tracking_database_fails_in_one_line_within_seconds(tmp_path:
     assert not (tmp_path / "models" / "model.pt").exists()
 
 
+def test_a_tracking_store_that_cannot_be_created_fails_at_once_in_one_line(tmp_path: Path) -> None:
+    """Only a refused or timed-out connection is retried while connecting; this used to be retried 5 times and
+    reported as "unreachable or failing". A regular file stands where the database's folder should be: a real
+    failing path even for root (whom chmod does not stop)."""
+    (tmp_path / "file").write_text("not a folder\n")
+    uri = f"sqlite:///{tmp_path / 'file' / 'x' / 'mlflow.db'}"
+    overrides = tiny_overrides(tmp_path, **{"mlflow.retries": 4, "mlflow.backoff_s": 30.0})  # 4 waits of 30 s
+    params_file = write_params(tmp_path / "params.yaml", overrides)
+    done, elapsed = train_against(uri, params_file)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "unreachable" not in done.stderr, done.stderr
+    assert not warnings_in(done.stderr), done.stderr  # no "connect failed ...; retry 1/4"
+    cause = f"[Errno 20] Not a directory: '{tmp_path / 'file' / 'x'}'"
+    assert done.stderr.strip().splitlines()[-1] == f"error: train: cannot use MLflow at {uri}: {cause}"
+    assert elapsed < 60  # a retry budget of 120 s: the warnings above show that not even one wait was made
+
+
 def test_a_tracking_server_lost_mid_training_logs_one_warning_and_one_error_line(tmp_path: Path) -> None:
-    """The server is stopped after training's second epoch: one warning, the one-line error, no traceback."""
+    """The server is stopped while training's run is open: one warning, the one-line error, no traceback.
+
+    Deterministic without mocks: stopping the server after a given epoch raced the training, which on a fast machine
+    finished first and exited 0. Instead the training process is frozen (SIGSTOP) as soon as the run's pointer file
+    exists (written once the run is created, before the first epoch), the server confirms that the run is still
+    RUNNING, so the process has at least its `end run` call still to make, and only then is the server stopped and
+    the process thawed (SIGCONT). Whatever training had reached, its next MLflow call meets a stopped server.
+    """
     overrides = tiny_overrides(
         tmp_path, **{"train.epochs": 60, "train.patience": 60, "mlflow.retries": 1, "mlflow.backoff_s": 0.1}
     )
     params_file = write_params(tmp_path / "params.yaml", overrides)
     prepared(tmp_path)  # the data: downloads and preprocessing do not depend on train.*
+    pointer = tmp_path / "models" / POINTER
+    assert not pointer.exists()
     (tmp_path / "server").mkdir()
     server = MlflowServer(tmp_path / "server")
     server.start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "--params", str(params_file), "train"],
+        cwd=tmp_path,
+        env=cli_env(MLFLOW_TRACKING_URI=server.uri),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "--params", str(params_file), "train"],
-            cwd=tmp_path,
-            env=cli_env(MLFLOW_TRACKING_URI=server.uri),
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        log = tmp_path / "models" / "train_log.csv"
-        deadline = time.monotonic() + 240
-        while not (log.exists() and len(log.read_text().splitlines()) >= 3) and proc.poll() is None:
-            assert time.monotonic() < deadline, "training logged no second epoch"
-            time.sleep(0.05)
+        try:
+            deadline = time.monotonic() + 240
+            while not pointer.exists():
+                assert proc.poll() is None, f"training ended before creating its MLflow run: {proc.stderr.read()}"
+                assert time.monotonic() < deadline, "training created no MLflow run"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGSTOP)
+            run_id = json.loads(pointer.read_text())["run_id"]
+            assert server.client().get_run(run_id).info.status == "RUNNING"
+        finally:
+            server.stop()
+            proc.send_signal(signal.SIGCONT)
+        stderr = proc.communicate(timeout=240)[1]
     finally:
-        server.stop()
-    stderr = proc.communicate(timeout=240)[1]
+        if proc.poll() is None:  # only when an assertion above failed
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 1, stderr
     assert "Traceback" not in stderr
     warnings = warnings_in(stderr)

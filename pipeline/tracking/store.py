@@ -10,7 +10,9 @@ failures ``mlflow.retries`` times with doubling back-off (tenacity) and then rai
 URI. One retry policy for every call, whatever the store (MLflow's own retries cover only its HTTP client), and
 for building the client itself: for a database URI (``postgresql://``, ``mysql://``, ``mssql://``) MLflow connects
 in the client's constructor and retries a refused connection ten times over about 100 s, so the database is tried
-once first, under this policy, before MLflow gets to it. A failing call logs one warning, its later retries INFO.
+once first, under this policy, before MLflow gets to it. While connecting only a refused, reset or timed-out
+connection is retried: any other failure (a ``sqlite:///`` path whose folder cannot be created or written) ends at
+once in a :class:`TrackingError` naming its cause. A failing call logs one warning, its later retries INFO.
 Importing this module does not import MLflow (the train stage imports it even when tracking is off).
 """
 
@@ -75,6 +77,20 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, OSError)  # includes requests' ConnectionError and Timeout
 
 
+def is_transient_connect(err: BaseException) -> bool:
+    """Whether building the client is worth another try: only a connection that failed or timed out may pass.
+
+    Other ``OSError`` s while connecting (a sqlite folder that cannot be created or written, a read-only file) fail
+    the same way on every try, so retrying them would only hide their cause behind "unreachable".
+    """
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+    from requests.exceptions import Timeout
+
+    if not isinstance(err, OSError):
+        return is_transient(err)
+    return isinstance(err, (ConnectionError, TimeoutError, RequestsConnectionError, Timeout))
+
+
 @dataclass
 class Tracking:
     """One MLflow endpoint (tracking and registry) with the pipeline's retry policy."""
@@ -112,12 +128,12 @@ class Tracking:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        if self.uri.split(":", 1)[0].split("+", 1)[0] in SERVER_DATABASES:
-            _reach_database(self.uri)
         try:
+            if self.uri.split(":", 1)[0].split("+", 1)[0] in SERVER_DATABASES:
+                _reach_database(self.uri)
             return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        except MlflowException as err:  # an unknown scheme, a malformed URI: nothing a retry changes
-            if is_transient(err):
+        except (MlflowException, OSError) as err:  # an unknown scheme, a malformed URI, a path that cannot be made
+            if is_transient_connect(err):
                 raise
             raise TrackingError(f"cannot use MLflow at {display_uri(self.uri)}: {one_line(err)}") from err
 
