@@ -26,7 +26,8 @@ reason in the task log.
 
 Parameter mistakes: the settings the DAG itself is built from (``retrain.schedule``, ``start_date``, ``retries``,
 ``retry_delay_s``, ``max_retry_delay_s``, ``store_dir``) are checked when this file is parsed, and a mistake there is
-the DAG's import error, naming key and file. Every other mistake in the params file, and a run's conf whose values
+the DAG's import error, naming key and file; so are YAML anchors and aliases anywhere in the file (an alias bomb would
+otherwise hang the DAG processor), and echoed values are cut at 120 characters. Every other mistake in the params file, and a run's conf whose values
 fail validation (``train.lr=1e30``, ``train.seed=-1``), fails the run's first task with ``AirflowFailException``
 (no retries, nothing merged), the key and file in its log: the DAG stays listed with its history, and the failed
 run is where the retraining's failures are watched. Settings that do not fit the machine's memory and training that
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import reprlib
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -48,6 +50,8 @@ from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, task
 PARAMS_FILE = Path(os.environ.get("HYMOE_PARAMS") or Path(__file__).resolve().parents[1] / "params.yaml").resolve()
 REQUIRED = ("schedule", "start_date", "store_dir", "retries", "retry_delay_s", "max_retry_delay_s")
 MAX_PARAMS_BYTES = 1 << 20  # as pipeline.params (not imported here: parsing stays light)
+MAX_YAML_DEPTH = 16  # as pipeline.params
+MAX_ECHO = 120  # as pipeline.errors: an echoed value is cut at this many characters
 
 
 class _Loader(yaml.SafeLoader):
@@ -66,9 +70,13 @@ def _settings() -> dict[str, Any]:
     if not PARAMS_FILE.is_file() or PARAMS_FILE.stat().st_size > MAX_PARAMS_BYTES:
         raise ValueError(f"{PARAMS_FILE}: not a parameters file (a regular file of at most {MAX_PARAMS_BYTES} bytes)")
     try:
-        raw = yaml.load(PARAMS_FILE.read_text(), Loader=_Loader) or {}  # noqa: S506 - a SafeLoader
+        text = PARAMS_FILE.read_text()
+        problem = _expansion_problem(text)
+        raw = {} if problem else yaml.load(text, Loader=_Loader) or {}  # noqa: S506 - a SafeLoader
     except (yaml.YAMLError, ValueError, RecursionError) as err:
         raise ValueError(f"{PARAMS_FILE} is not valid YAML: {' '.join(str(err).split())[:300]}") from None
+    if problem:
+        raise ValueError(f"{PARAMS_FILE}: {problem}")
     retrain = (raw.get("retrain") if isinstance(raw, dict) else None) or {}
     missing = [key for key in REQUIRED if key not in retrain]
     if missing:
@@ -84,11 +92,57 @@ def _settings() -> dict[str, Any]:
     for key, ok in valid.items():
         if not ok:
             raise ValueError(
-                f"{PARAMS_FILE}: retrain.{key} is invalid, got {repr(retrain[key])[:120]} (schedule: a cron "
+                f"{PARAMS_FILE}: retrain.{key} is invalid, got {_shown(retrain[key])} (schedule: a cron "
                 "expression or null; start_date: YYYY-MM-DD from 1970-01-01; retries: 0..100; retry_delay_s: "
                 "up to 86400; max_retry_delay_s: up to 604800)"
             )
     return retrain
+
+
+def _expansion_problem(text: str) -> str | None:
+    """Anchors and aliases, or nesting deeper than :data:`MAX_YAML_DEPTH`, found in the parser's events before
+    anything is built (as ``pipeline.params.parse_yaml`` refuses them), named by the key that holds them: an alias
+    bomb of a few hundred bytes (``schedule: *bomb``) would otherwise expand to gigabytes where the value is walked
+    or echoed, and hang the DAG processor instead of failing the import. ``None`` when there is none."""
+    path: list[list[Any]] = []  # per open collection: [key or index, whether a mapping's next node is a key]
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionEndEvent):
+            path.pop()
+            _next_node(path)
+            continue
+        if not isinstance(event, yaml.NodeEvent):
+            continue
+        if isinstance(event, yaml.AliasEvent) or event.anchor:
+            where = "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key, _ in path).lstrip(".")
+            return f"{where or 'the top level'}: YAML anchors and aliases (&name, *name) are not allowed in parameters"
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(path) == MAX_YAML_DEPTH:
+                return f"YAML nested deeper than {MAX_YAML_DEPTH} levels"
+            path.append([0, isinstance(event, yaml.MappingStartEvent)])
+        elif path and path[-1][1] and isinstance(event, yaml.ScalarEvent):  # a key: the next node is its value
+            path[-1] = [event.value, False]
+        else:
+            _next_node(path)
+    return None
+
+
+def _next_node(path: list[list[Any]]) -> None:
+    """A node ended: a mapping expects its next key, a sequence moves to its next index."""
+    if path and isinstance(path[-1][0], int) and not path[-1][1]:
+        path[-1][0] += 1
+    elif path:
+        path[-1][1] = True
+
+
+# reprlib walks only as much of a value as it shows: a deep or wide one costs no more than its cut echo
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel, _ECHO.maxlist, _ECHO.maxdict, _ECHO.maxstring, _ECHO.maxother = 3, 10, 10, MAX_ECHO, MAX_ECHO
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut at :data:`MAX_ECHO` characters, never expanding more of a huge value than that."""
+    text = _ECHO.repr(value)
+    return text if len(text) <= MAX_ECHO else f"{text[: MAX_ECHO - 3]}..."
 
 
 def _is_date(value: Any) -> bool:

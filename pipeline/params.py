@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import math
 import os
+import re
 import stat
 import types
 import typing
@@ -33,6 +34,9 @@ MAX_FUTURE_TOLERANCE_S = 10 * 365 * 86_400
 MIRROR_ENV = "HYMOE_DATA_MIRROR"
 MAX_PARAMS_BYTES = 1 << 20  # a parameters file is a few KB: a larger "file" (/dev/zero, a log) is never read
 MAX_YAML_DEPTH = 16  # parameters nest four levels deep; PyYAML composes nesting by recursion
+# a float written as text: YAML 1.1 reads 1e-3 and 1e30 (no dot, or no exponent sign) as strings, which a float
+# setting takes as the number they spell; never nan, inf, hex or underscores
+FLOAT_TEXT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 LAST_DATE = datetime.date(
     9998, 12, 31
 )  # the last day starting a date: its interval ends well inside a datetime's range
@@ -527,6 +531,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ParamsError(f"{where}: expected an integer, got {shown(value)}")
         return value
     if hint is float:
+        if isinstance(value, str) and FLOAT_TEXT.fullmatch(value):
+            value = float(value)  # 1e-3 in YAML 1.1 is text; too large a one becomes inf, refused below
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ParamsError(f"{where}: expected a number, got {shown(value)}")
         try:

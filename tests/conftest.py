@@ -143,13 +143,14 @@ def tiny_retrain(root: Path, **extra: Any) -> dict[str, Any]:
     }
 
 
-def migrate_airflow() -> None:
-    """``airflow db migrate`` of the Airflow home set in the environment (the tests' private one)."""
+def migrate_airflow(env: dict[str, str] | None = None) -> None:
+    """``airflow db migrate`` of the Airflow home set in ``env`` (default: this process's environment)."""
     migrate = subprocess.run(
         [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,6 +93,54 @@ def test_a_killed_rank_fails_the_run_and_torchrun_resumes_it(data_root: Path, tm
     log = read_log(outputs.log)
     assert [int(r["epoch"]) for r in log] == list(range(1, 41))
     assert json.loads(outputs.config.read_text())["world_size"] == 2
+
+
+# rank 1 alone sees a NaN mean loss from epoch 2 on: its loss reads NaN, its gradients stay finite (the NaN is a
+# constant added to the value), so the ranks' weights stay equal and only rank 1's own check would fire
+NAN_ON_RANK_1 = """
+import os, sys, torch
+from pipeline.cli import main
+from pipeline.training import train
+
+finished = 0
+end_epoch, forward = train.Trainer.end_epoch, train.TrainingLoss.forward
+
+def counted(self, row):
+    global finished
+    finished += 1
+    return end_epoch(self, row)
+
+def nan_on_rank_1(self, inputs, targets, **kwargs):
+    loss = forward(self, inputs, targets, **kwargs)
+    if finished >= 1 and os.environ["RANK"] == "1":
+        self.last.loss = self.last.loss + torch.tensor(float("nan"), device=loss.device)
+    return loss
+
+train.Trainer.end_epoch, train.TrainingLoss.forward = counted, nan_on_rank_1
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_loss_gone_nan_on_one_rank_stops_every_rank_with_one_line(data_root: Path, tmp_path: Path) -> None:
+    driver = tmp_path / "nan_on_rank_1.py"
+    driver.write_text(NAN_ON_RANK_1)
+    overrides = tiny_overrides(data_root, **{"train.epochs": 4, "mlflow.enabled": False, "train.resume": False})
+    overrides["train.model_dir"] = str(tmp_path / "m")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        launcher + command(overrides)[3:], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    checkpoint = TrainOutputs.under(tmp_path / "m").checkpoint
+    # both ranks stop on the same epoch's check with the same line (their stderr is shared: lines may run together)
+    lines = re.findall(r"error: train: (training diverged in epoch .*?valid NDCG@10 [0-9.]+\))", done.stderr)
+    assert len(lines) == 2 and lines[0] == lines[1], done.stderr[-5000:]
+    assert "RuntimeError" not in done.stderr  # before: rank 0 failed in its next collective, on the lost peer
+    assert lines[0].startswith("training diverged in epoch 2: the mean loss is nan (ce "), lines[0]
+    left = f"model.pt was not written; {checkpoint} holds epoch 1 and the best weights so far (epoch 1, valid NDCG@10"
+    assert left in lines[0], lines[0]
+    assert checkpoint.exists() and not TrainOutputs.under(tmp_path / "m").model.exists()
 
 
 def test_every_rank_gets_a_share_of_every_batch() -> None:

@@ -13,7 +13,8 @@ the last checkpoint as in one process (each rank then draws fresh dropout masks;
 
 Before the model is built, settings whose training cannot fit the device's memory are refused (:func:`check_memory`);
 an epoch whose mean loss is not finite stops training with :class:`~pipeline.errors.TrainingDivergedError`, checked
-at the epoch's one host sync, so no step waits for it.
+at the epoch's one host sync, so no step waits for it (under torchrun on every rank's mean at once, so all ranks stop
+together).
 """
 
 from __future__ import annotations
@@ -319,13 +320,17 @@ class Trainer:
             if not bar.disable:  # a terminal is watching: its loss is worth a sync
                 bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
         n_batches = max(1, len(batches))
-        loss, ce, lb = (totals / n_batches).tolist()  # the epoch's one host sync, which also tells divergence
-        if not math.isfinite(loss):
-            raise TrainingDivergedError(
-                f"training diverged in epoch {epoch + 1}: the mean loss is {loss} (ce {ce}, lb {lb}); lower train.lr "
-                f"({cfg.lr:g}) or train.weight_decay ({cfg.weight_decay:g}), or clip gradients harder "
-                f"(train.grad_clip {cfg.grad_clip:g}); no model was written for this run"
-            )
+        means = totals / n_batches
+        if self.world > 1:
+            # every rank decides alike: a rank stopping on its own NaN would leave the others waiting in their next
+            # collective (until NCCL's timeout). Sums of the ranks' means are finite only where every rank's is.
+            everywhere = means.clone()
+            torch.distributed.all_reduce(everywhere)
+            means = torch.cat([means, everywhere / self.world])
+        loss, ce, lb, *mean_of_ranks = means.tolist()  # the epoch's one host sync, which also tells divergence
+        if not all(math.isfinite(value) for value in mean_of_ranks or [loss]):
+            loss, ce, lb = mean_of_ranks or [loss, ce, lb]
+            raise TrainingDivergedError(self._diverged(loss, ce, lb))
         last_stats = out.stats if out is not None else {}  # the epoch's last step, as logged before
         return {
             "epoch": epoch + 1,
@@ -337,6 +342,22 @@ class Trainer:
             "alpha": _layer_mean(last_stats, "alpha"),
             "history_bias": float(model.history_bias.detach()) if model.history_bias is not None else float("nan"),
         }
+
+    def _diverged(self, loss: float, ce: float, lb: float) -> str:
+        """The one line that stops a diverged run: the loss, what to change, and what is left on disk."""
+        cfg, state = self.cfg, self.state
+        if state.epoch == 0:
+            left = "nothing was written for this run"
+        else:  # the checkpoint of the last finished epoch holds the best weights so far
+            left = (
+                f"model.pt was not written; {self.outputs.checkpoint} holds epoch {state.epoch} and the best weights "
+                f"so far (epoch {state.best_epoch}, valid NDCG@10 {state.best_metric:.4f})"
+            )
+        return (
+            f"training diverged in epoch {state.epoch + 1}: the mean loss is {loss} (ce {ce}, lb {lb}); lower "
+            f"train.lr ({cfg.lr:g}) or train.weight_decay ({cfg.weight_decay:g}), or clip gradients harder "
+            f"(train.grad_clip {cfg.grad_clip:g}); {left}"
+        )
 
     def validate(self) -> dict[str, float]:
         """Full-ranking HR@10 / NDCG@10 on the validation split (the model-selection metric).
