@@ -26,12 +26,12 @@ reason in the task log.
 
 Parameter mistakes: the settings the DAG itself is built from (``retrain.schedule``, ``start_date``, ``retries``,
 ``retry_delay_s``, ``max_retry_delay_s``, ``store_dir``) are checked when this file is parsed, and a mistake there is
-the DAG's import error, naming key and file; so are YAML anchors and aliases anywhere in the file (an alias bomb would
-otherwise hang the DAG processor), and echoed values are cut at 120 characters. Every other mistake in the params file, and a run's conf whose values
-fail validation (``train.lr=1e30``, ``train.seed=-1``), fails the run's first task with ``AirflowFailException``
-(no retries, nothing merged), the key and file in its log: the DAG stays listed with its history, and the failed
-run is where the retraining's failures are watched. Settings that do not fit the machine's memory and training that
-diverges fail ``train`` the same way, without retries.
+the DAG's import error, naming key and file; so are YAML anchors and aliases anywhere in the file (an alias bomb
+would otherwise hang the DAG processor), and echoed values are cut at 120 characters. Every other mistake in the
+params file, and a run's conf whose values fail validation (``train.lr=1e30``, ``train.seed=-1``), fails the run's
+first task with ``AirflowFailException`` (no retries, nothing merged), the key and file in its log: the DAG stays
+listed with its history, and the failed run is where the retraining's failures are watched. Settings that do not
+fit the machine's memory and training that diverges fail ``train`` the same way, without retries.
 """
 
 from __future__ import annotations
