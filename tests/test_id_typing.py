@@ -173,6 +173,29 @@ def test_times_that_do_not_match_a_declared_format_are_quarantined(tmp_path: Pat
     assert set(reasons(result).values()) == {"timestamp does not match data.custom.timestamp_format '%d/%m/%Y %H:%M'"}
 
 
+def test_json_times_meet_the_rule_csv_times_meet(tmp_path: Path) -> None:
+    """pyarrow reads ``2024-01-05T10`` as a time on its own; the JSON reader must type it by our rule, as CSV does."""
+    times = ["2024-01-05T10:30:00Z", "2024-01-05T10", "2024-01-05"]
+    rows = [("u1", "i1", t) for t in times]
+    jsonl = write_text(
+        tmp_path / "log.jsonl",
+        "".join(json.dumps(dict(zip(["user_id", "item_id", "timestamp"], r, strict=True))) + "\n" for r in rows),
+    )
+    from_csv, from_json = read(csv_log(tmp_path / "log.csv", rows)), read(jsonl)
+    assert from_json.events["timestamp"].tolist() == from_csv.events["timestamp"].tolist()
+    assert sorted(reasons(from_json)) == [n - 1 for n in sorted(reasons(from_csv))]  # CSV counts its header line
+    assert len(from_json.events) == 2  # was: 3, "2024-01-05T10" kept by pyarrow's looser rule
+
+
+def test_a_json_string_that_is_not_utf8_is_quarantined_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    good = [json.dumps({"user_id": "u1", "item_id": f"i{n}", "timestamp": T0 + n}).encode() for n in range(3)]
+    path.write_bytes(b"\n".join([good[0], b'{"user_id": "u1", "item_id": "\xff3", "timestamp": 1}', *good[1:]]) + b"\n")
+    result = read(path)  # was: pyarrow.lib.ArrowInvalid: Invalid UTF8 sequence, raised from the typing
+    assert result.events["item_id"].tolist() == ["i0", "i1", "i2"]
+    assert list(reasons(result)) == [2]
+
+
 def test_parquet_time_columns_stay_exact_whatever_the_declared_format(tmp_path: Path) -> None:
     moments = pa.array([T0 * 1000 + 999, -500], pa.int64()).cast(pa.timestamp("ms", "UTC"))  # -0.5 s: 1969
     path = tmp_path / "log.parquet"

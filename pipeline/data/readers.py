@@ -432,12 +432,9 @@ def read_jsonl(
     """
     source = str(path)
     data = read_bytes(path, limit)
-    fast = _jsonl_fast(source, data, columns, log_typing)
+    fast = _jsonl_fast(source, data, columns)
     if fast is not None:
-        parts, bad, typed_times = fast
-        reasons = None
-        if typed_times and log_typing is not None:  # pyarrow read ISO 8601 strings as times already
-            log_typing = log_typing.typed_times()
+        (parts, bad), reasons = fast, None
         line_no = pd.Series(np.arange(1, len(parts) + 1))
         raw = pd.Series(["<record>"] * len(parts))
     else:
@@ -463,16 +460,27 @@ def read_jsonl(
 
 
 def _jsonl_fast(
-    path: str, data: bytes | bytearray, columns: dict[str, str], log_typing: LogTyping | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame, bool] | None:
-    """The mapped fields as text, parsed by pyarrow, the cut last line (if any) quarantined, and whether pyarrow
-    typed the times (it reads ISO 8601 strings as timestamps); None when the file needs the per-line path, as one
-    with times in a declared format does: the text as written must meet that format."""
+    path: str, data: bytes | bytearray, columns: dict[str, str]
+) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The mapped fields as text, parsed by pyarrow, and the cut last line (if any) quarantined; None when the file
+    needs the per-line path.
+
+    Times are kept as the text written: pyarrow reads ISO-like strings as timestamps by a looser rule than ours
+    (``2024-01-05T10`` is a time to it), so a file whose times it typed is read again with that key as text, and
+    JSON times meet the same rule as CSV's. pyarrow does not check that strings are UTF-8: a mapped column that is
+    not sends the file to the per-line path, which quarantines the line."""
     end, cut = _complete_end(path, data)
     if not cut.empty:
         cut["line"] = data.count(b"\n", 0, end) + 1
+    body = pa.py_buffer(memoryview(data)[:end])
     try:
-        table = pajson.read_json(pa.py_buffer(memoryview(data)[:end]))
+        table = pajson.read_json(body)
+        time_key = columns.get("timestamp")
+        if time_key in table.column_names and _typed_time(table.column(time_key).type):
+            as_text = pajson.ParseOptions(explicit_schema=pa.schema([pa.field(time_key, pa.string())]))
+            table = pajson.read_json(body, parse_options=as_text)
+        for key in set(columns.values()) & set(table.column_names):
+            table.column(key).validate(full=True)
     except (pa.ArrowInvalid, OSError):
         return None
     missing = [key for key in columns.values() if key not in table.column_names]
@@ -485,17 +493,13 @@ def _jsonl_fast(
         kind = table.column(key).type if key in table.column_names else pa.null()
         if not any(check(kind) for check in FIELD_TYPES.get(canonical, ID_TYPES)):
             return None
-    time_key = columns.get("timestamp")
-    typed_times = time_key in table.column_names and _typed_time(table.column(time_key).type)
-    if typed_times and log_typing is not None and log_typing.timestamp_format not in ("auto", "iso8601"):
-        return None
     frame = pd.DataFrame(
         {
             canonical: _arrow_to_text(table.column(key)) if key in table.column_names else pd.Series(dtype="string")
             for canonical, key in columns.items()
         }
     )
-    return frame, cut, typed_times
+    return frame, cut
 
 
 def _jsonl_slow(
