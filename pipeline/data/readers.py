@@ -103,9 +103,14 @@ def read_bytes(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> byt
         else:
             data = handle.read(before.st_size)
         after = os.fstat(handle.fileno())
+    _refuse_if_changed(path, before, after)
+    return data
+
+
+def _refuse_if_changed(path: str | os.PathLike[str], before: os.stat_result, after: os.stat_result) -> None:
+    """Refuse a file whose size or modification time moved while it was read: a writer was still at it."""
     if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
         raise BadInputError(f"{path}: {CHANGED}")
-    return data
 
 
 def _inflate(handle: BinaryIO, size: int, limit: int, path: str | os.PathLike[str]) -> bytearray:
@@ -664,8 +669,7 @@ def _read_parquet(
         after = os.stat(path)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:  # not Parquet, or a column of lists
         raise BadInputError(f"{path} is not a readable Parquet log of ids and times ({_shown(err)})") from err
-    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
-        raise BadInputError(f"{path}: {CHANGED}")
+    _refuse_if_changed(path, before, after)
     if _typed_time(_value_type(table.column(columns["timestamp"]).type)):
         log_typing = log_typing.typed_times()
     return validate_events(
