@@ -38,9 +38,9 @@ def shown(value: object) -> str:
     return cut(_SHORT_REPR.repr(value))
 
 
-def cut(text: str) -> str:
-    """``text`` (a key, a message's tail) cut at :data:`MAX_ECHO` characters."""
-    return text if len(text) <= MAX_ECHO else text[: MAX_ECHO - 3] + "..."
+def cut(text: str, limit: int = MAX_ECHO) -> str:
+    """``text`` (a key, a message's tail) cut at ``limit`` characters, "..." included."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _short_repr() -> reprlib.Repr:

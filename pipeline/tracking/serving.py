@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, cut
 from pipeline.params import Params
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,7 @@ def one_line_message(message: str, content_type: str = "") -> str:
             message = f"the body is not a Parquet table: {match['reason']}"
     else:
         message = next((line for line in message.splitlines() if line.strip()), "").split(" IMPORTANT: ")[0]
-    text = " ".join(message.split())
-    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+    return cut(" ".join(message.split()), MAX_MESSAGE)
 
 
 def error_body(status: int, body: bytes, content_type: str) -> bytes:
